@@ -1,0 +1,413 @@
+"""The describe stage: detailed MLLM descriptions of every item, one row per (item, view).
+
+Data flow (Ray Data, streaming): manifest rows still to do -> `load_batch` on CPU tasks (safe
+decode, EXIF, RGB, bounded pixels; video frames with decord) -> `describe_batch` on engine
+actors (one engine each; one per GPU) -> the driver, which adds provenance and writes Parquet
+files under names derived from their row keys, atomically. A rerun reads the keys already
+written (item, view, fingerprint) and only does the rest, so a killed run resumes with every
+row exactly once, and a changed model/prompt/sampling (a new fingerprint) never reuses text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import time
+import tomllib
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+import schemas
+from pipelines import ids, store
+from pipelines.engines.base import (DescribeRequest, EngineConfig, FatalEngineError, SamplingConfig,
+                                    make_describer)
+from pipelines.ingest import IngestConfig, IngestReport
+from pipelines.media import MediaConfig, MediaError, decode_pixels, encode_pixels, load_media
+
+
+@dataclass(frozen=True)
+class View:
+    """A named prompt; `{media}` in the template becomes "image" or "video"."""
+    name: str
+    template: str
+
+    def prompt_for(self, media_type: str) -> str:
+        return self.template.replace("{media}", media_type or "image")
+
+
+DEFAULT_VIEWS = (
+    View("objects", "List the objects visible in this {media}, with their colours, counts and positions."),
+    View("scene", "Describe the setting of this {media}: the place, the background, the lighting and the mood."),
+    View("actions", "Describe what the people, animals and objects in this {media} are doing."),
+    View("attributes", "Describe the main subjects of this {media}: their shapes, sizes, colours, materials, "
+                       "clothing and how they are arranged relative to each other."),
+    View("detailed", "Describe this {media} in detail."),
+)
+
+
+@dataclass
+class DescribeConfig:
+    workdir: Path
+    engine: EngineConfig
+    views: tuple[View, ...] = DEFAULT_VIEWS
+    media: MediaConfig = field(default_factory=MediaConfig)
+    ingest: IngestConfig | None = None     # set when `--input` is given: ingest first
+    limit: int | None = None               # at most this many items (in item_id order)
+    dry_run: bool = False
+    overwrite: bool = False
+    max_error_rate: float = 0.25           # fail the run (exit 1) above this share of error rows
+    ray_address: str | None = None         # None: RAY_ADDRESS or a local Ray
+    num_engines: int | None = None         # None: one per GPU (tensor-parallel aware), else 1
+    engine_num_cpus: float = 1.0
+    load_num_cpus: float = 0.5             # fractional: on 2 cores whole CPUs starve the engine
+    batch_size: int = 64                   # requests per engine call
+    rows_per_file: int = 2048
+    progress: bool = True
+
+
+@dataclass
+class DescribeReport:
+    items_total: int = 0
+    items_planned: int = 0
+    rows_done_before: int = 0
+    rows_todo: int = 0
+    rows_written: int = 0
+    errors: Counter = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    wall_s: float = 0.0
+    startup_s: float = 0.0                 # until the first result came back (engine start etc.)
+    ingest: IngestReport | None = None
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    dry_run: bool = False
+
+    @property
+    def error_rows(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def steady_s(self) -> float:
+        return max(self.wall_s - self.startup_s, 1e-9)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(errors=dict(self.errors), error_rows=self.error_rows,
+                   rows_per_s=self.rows_written / self.steady_s if self.rows_written else 0.0,
+                   output_tokens_per_s=self.output_tokens / self.steady_s,
+                   prompt_tokens_per_s=self.prompt_tokens / self.steady_s)
+        return out
+
+
+# --------------------------------------------------------------------------- views & provenance
+
+def load_views_file(path: Path) -> tuple[tuple[View, ...], dict[str, Any]]:
+    """A TOML file with a [views] table (name = prompt) and an optional [sampling] table."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise store.StageInputError(f"views file {path}: {err}") from None
+    views = data.get("views", {})
+    if not isinstance(views, dict) or not views or not all(isinstance(v, str) for v in views.values()):
+        raise store.StageInputError(f"views file {path} needs a [views] table of name = \"prompt\" entries")
+    return tuple(View(k, v) for k, v in views.items()), dict(data.get("sampling", {}))
+
+
+def model_revision(cfg: EngineConfig) -> str:
+    """The revision asked for; for a local folder, a hash of its files' names, sizes and config."""
+    if cfg.revision:
+        return cfg.revision
+    folder = Path(cfg.model)
+    if not folder.is_dir():
+        return "unpinned"
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(folder)}:{path.stat().st_size}\n".encode())
+        if path.suffix == ".json":
+            h.update(path.read_bytes())
+    return "local-" + h.hexdigest()[:16]
+
+
+def view_fingerprints(cfg: DescribeConfig, revision: str) -> dict[str, str]:
+    e = cfg.engine
+    base = {"stage": "describe", "schema": schemas.SCHEMA_VERSION, "engine": e.engine, "model": e.model,
+            "revision": revision, "sampling": e.sampling.as_dict(), "media": asdict(cfg.media),
+            "video_input": e.video_input}
+    return {v.name: ids.fingerprint({**base, "view": v.name, "template": v.template}) for v in cfg.views}
+
+
+# --------------------------------------------------------------------------- pure batch functions
+
+def load_batch(items: list[dict], media_cfg: MediaConfig) -> list[dict]:
+    """Load and preprocess each item's media; a bad item becomes a row with its error."""
+    out = []
+    for item in items:
+        row = {"item_id": item["item_id"], "views": item["views"], "media_type": item["media_type"],
+               "pixels": None, "shape": None, "error_kind": None, "error": None}
+        try:
+            loaded = load_media(Path(item["root"]), item["relpath"], media_cfg)
+            row["pixels"], row["shape"] = encode_pixels(loaded.pixels)
+        except MediaError as err:
+            row["error_kind"], row["error"] = err.kind, str(err)
+        except Exception as err:  # noqa: BLE001 - an unexpected decoder failure is still one item's error
+            row["error_kind"], row["error"] = "load_failed", f"{type(err).__name__}: {err}"
+        out.append(row)
+    return out
+
+
+def describe_batch(describer: Any, views: dict[str, View], loaded: list[dict]) -> list[dict]:
+    """Expand loaded items into one request per view, run them, and return output rows."""
+    rows, requests, slots = [], [], []
+    for item in loaded:
+        pixels = decode_pixels(item["pixels"], item["shape"]) if item["pixels"] is not None else None
+        video = item["media_type"] == "video"
+        geometry = {"n_frames": (pixels.shape[0] if video else 1) if pixels is not None else None,
+                    "height": pixels.shape[-3] if pixels is not None else None,
+                    "width": pixels.shape[-2] if pixels is not None else None}
+        for name in item["views"].split(","):
+            row = {"item_id": item["item_id"], "view": name, "media_type": item["media_type"], **geometry,
+                   "error_kind": item["error_kind"], "error": item["error"]}
+            rows.append(row)
+            if pixels is not None:
+                requests.append(DescribeRequest(views[name].prompt_for(item["media_type"]), item["media_type"], pixels))
+                slots.append(row)
+    for row, result in zip(slots, describer.describe(requests) if requests else []):
+        row.update(text=result.text, prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens,
+                   finish_reason=result.finish_reason, latency_s=result.latency_s,
+                   error_kind=result.error_kind, error=result.error)
+    return rows
+
+
+# --------------------------------------------------------------------------- planning
+
+@dataclass
+class Plan:
+    items: list[dict]                  # manifest rows with a "views" column: the views still to do
+    ingest_errors: list[dict]          # items that failed at ingest: error rows, no engine needed
+    items_total: int
+    rows_done: int
+    rows_todo: int
+
+
+def make_plan(cfg: DescribeConfig, fingerprints: dict[str, str]) -> Plan:
+    manifest = store.read_folder(cfg.workdir / store.MANIFEST_DIR, schemas.MANIFEST)
+    if manifest.num_rows == 0:
+        raise store.StageInputError(f"{cfg.workdir} has no manifest: run `leccr-pipe describe --input FOLDER` "
+                                    f"(or `leccr-pipe ingest`) first")
+    items = sorted(manifest.to_pylist(), key=lambda r: r["item_id"])[: cfg.limit]
+    done = _done_keys(cfg.workdir / store.DESCRIPTIONS_DIR)
+    todo, ingest_errors, rows_todo = [], [], 0
+    for item in items:
+        missing = [v.name for v in cfg.views if (item["item_id"], v.name, fingerprints[v.name]) not in done]
+        if not missing:
+            continue
+        rows_todo += len(missing)
+        item = {**item, "views": ",".join(missing)}
+        (ingest_errors if item["error_kind"] else todo).append(item)
+    rows_done = len(items) * len(cfg.views) - rows_todo
+    return Plan(todo, ingest_errors, manifest.num_rows, rows_done, rows_todo)
+
+
+def _done_keys(folder: Path) -> set[tuple[str, str, str]]:
+    table = store.read_folder(folder, schemas.DESCRIPTIONS, columns=["item_id", "view", "fingerprint"])
+    return set(zip(*(table.column(c).to_pylist() for c in ("item_id", "view", "fingerprint"))))
+
+
+# --------------------------------------------------------------------------- output
+
+class DescriptionWriter:
+    """Buffers rows, adds provenance, writes files named after their row keys (exactly-once)."""
+
+    def __init__(self, cfg: DescribeConfig, revision: str, fingerprints: dict[str, str], report: DescribeReport):
+        self.folder = cfg.workdir / store.DESCRIPTIONS_DIR
+        self.cfg, self.revision, self.fingerprints, self.report = cfg, revision, fingerprints, report
+        self.views = {v.name: v for v in cfg.views}
+        self.sampling = ids.canonical_json(cfg.engine.sampling.as_dict())
+        self.buffer: list[dict] = []
+
+    def add(self, rows: Iterable[dict]) -> None:
+        now = dt.datetime.now(dt.timezone.utc)
+        for row in rows:
+            view = self.views[row["view"]]
+            self.buffer.append({**row, "engine": self.cfg.engine.engine, "model": self.cfg.engine.model,
+                                "model_revision": self.revision, "prompt": view.prompt_for(row["media_type"]),
+                                "sampling": self.sampling, "fingerprint": self.fingerprints[view.name],
+                                "created_at": now})
+            if row.get("error_kind"):
+                self.report.errors[row["error_kind"]] += 1
+            self.report.prompt_tokens += row.get("prompt_tokens") or 0
+            self.report.output_tokens += row.get("output_tokens") or 0
+        if len(self.buffer) >= self.cfg.rows_per_file:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        table = pa.Table.from_pylist(self.buffer, schema=schemas.DESCRIPTIONS)
+        keys = [f"{r['item_id']}/{r['view']}/{r['fingerprint']}" for r in self.buffer]
+        store.write_atomic(table, self.folder / f"part-{ids.content_key(keys)}.parquet")
+        self.report.rows_written += len(self.buffer)
+        self.buffer = []
+
+
+# --------------------------------------------------------------------------- the run
+
+def run(cfg: DescribeConfig) -> DescribeReport:
+    report = DescribeReport(dry_run=cfg.dry_run)
+    started = time.perf_counter()
+    with store.exclusive(cfg.workdir, "describe"):
+        if cfg.ingest is not None:
+            from pipelines import ingest
+            report.ingest = ingest.run(cfg.ingest)
+        folder = cfg.workdir / store.DESCRIPTIONS_DIR
+        if cfg.overwrite and not cfg.dry_run and folder.exists():
+            shutil.rmtree(folder)
+        store.remove_temp_files(folder)
+        revision = model_revision(cfg.engine)
+        report.fingerprints = view_fingerprints(cfg, revision)
+        plan = make_plan(cfg, report.fingerprints)
+        report.items_total, report.rows_done_before, report.rows_todo = plan.items_total, plan.rows_done, plan.rows_todo
+        report.items_planned = len(plan.items) + len(plan.ingest_errors)
+        if cfg.dry_run:
+            return report
+        writer = DescriptionWriter(cfg, revision, report.fingerprints, report)
+        with _progress(cfg.progress, plan.rows_todo) as advance:
+            try:
+                writer.add(_ingest_error_rows(plan.ingest_errors))
+                advance(sum(len(i["views"].split(",")) for i in plan.ingest_errors))
+                if plan.items:
+                    first = _stream_with_ray(cfg, plan.items, writer, advance)
+                    report.startup_s = first - started if first else 0.0
+            finally:
+                writer.flush()  # whatever completed is kept, also on a fatal error
+    report.wall_s = time.perf_counter() - started
+    return report
+
+
+def _ingest_error_rows(items: list[dict]) -> list[dict]:
+    return [{"item_id": i["item_id"], "view": name, "media_type": i["media_type"],
+             "error_kind": i["error_kind"], "error": i["error"]}
+            for i in items for name in i["views"].split(",")]
+
+
+def _progress(enabled: bool, total: int):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar():
+        if not enabled:
+            yield lambda n: None
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+        columns = [TextColumn("describe"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                   TextColumn("[cyan]{task.fields[rate]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        with Progress(*columns, transient=False) as progress:
+            task = progress.add_task("describe", total=total, rate="")
+
+            def advance(n: int) -> None:
+                t = progress.tasks[task]
+                rate = f"{t.speed:.1f} rows/s" if t.speed else ""
+                progress.update(task, advance=n, rate=rate)
+            yield advance
+
+    return bar()
+
+
+# --------------------------------------------------------------------------- Ray plumbing
+
+class _EngineActor:
+    """Ray Data actor: one describer per actor, set up once."""
+
+    def __init__(self, engine_cfg: EngineConfig, views: tuple[View, ...]):
+        self.describer = make_describer(engine_cfg)
+        self.describer.setup()
+        self.views = {v.name: v for v in views}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = describe_batch(self.describer, self.views, batch.to_pylist())
+        return pa.Table.from_pylist(rows, schema=_ENGINE_OUT)
+
+
+_LOADED = pa.schema([("item_id", pa.string()), ("views", pa.string()), ("media_type", pa.string()),
+                     ("pixels", pa.large_binary()), ("shape", pa.list_(pa.int64())),
+                     ("error_kind", pa.string()), ("error", pa.string())])
+_ENGINE_OUT = pa.schema([f for f in schemas.DESCRIPTIONS if f.name in {
+    "item_id", "view", "media_type", "text", "finish_reason", "n_frames", "width", "height",
+    "prompt_tokens", "output_tokens", "latency_s", "error_kind", "error"}])
+
+
+def _load_block(batch: pa.Table, media_cfg: MediaConfig) -> pa.Table:
+    return pa.Table.from_pylist(load_batch(batch.to_pylist(), media_cfg), schema=_LOADED)
+
+
+def _engine_resources(cfg: DescribeConfig, cluster: dict[str, float]) -> tuple[int, float]:
+    """(number of engine actors, GPUs per actor)."""
+    gpus = int(cluster.get("GPU", 0))
+    tp = cfg.engine.tensor_parallel_size
+    if cfg.engine.engine == "openai" or gpus == 0:
+        return cfg.num_engines or 1, 0.0
+    if gpus < tp:
+        raise FatalEngineError(f"tensor_parallel_size={tp} needs {tp} GPUs; the Ray cluster has {gpus}")
+    return cfg.num_engines or gpus // tp, float(tp)
+
+
+def init_ray(address: str | None) -> Any:
+    import ray
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # A private local cluster for this process: token auth protects shared clusters only.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "OMP_", "TRANSFORMERS_"))}
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+             runtime_env={"env_vars": env} if env else None)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False       # our own bar reports rows, not Ray's operators
+    ctx.print_on_execution_start = False
+    return ray
+
+
+def _stream_with_ray(cfg: DescribeConfig, items: list[dict], writer: DescriptionWriter, advance) -> float | None:
+    """Run load -> engine on Ray; write results as they stream in. Returns the first result time."""
+    ray = init_ray(cfg.ray_address)
+    n_engines, gpus = _engine_resources(cfg, ray.cluster_resources())
+    rows = [{k: i[k] for k in ("item_id", "views", "media_type", "root", "relpath")} for i in items]
+    load_batch_items = max(1, cfg.batch_size // 4)
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // load_batch_items, 512)))
+    ds = ds.map_batches(_load_block, fn_kwargs={"media_cfg": cfg.media}, batch_format="pyarrow",
+                        batch_size=load_batch_items, num_cpus=cfg.load_num_cpus)
+    ds = ds.map_batches(_EngineActor, fn_constructor_kwargs={"engine_cfg": cfg.engine, "views": cfg.views},
+                        batch_format="pyarrow", batch_size=cfg.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=n_engines),
+                        num_gpus=gpus, num_cpus=cfg.engine_num_cpus)
+    first = None
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            first = first or time.perf_counter()
+            writer.add(batch.to_pylist())
+            advance(batch.num_rows)
+    except FatalEngineError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Ray wraps actor failures; surface the real reason
+        raise FatalEngineError(_root_cause(err)) from err
+    return first
+
+
+def _root_cause(err: BaseException) -> str:
+    seen = err
+    while getattr(seen, "cause", None) is not None and seen.cause is not seen:
+        seen = seen.cause
+    text = str(seen)
+    for line in reversed(text.splitlines()):
+        if "FatalEngineError" in line or "Error:" in line:
+            return line.strip()
+    return f"{type(seen).__name__}: {text[:2000]}"

@@ -1,0 +1,145 @@
+"""The describer protocol shared by every MLLM backend, and the factory that picks one.
+
+A describer is built once per worker (`setup()` loads the model or checks the endpoint) and
+then answers batches: one result per request, in order, never raising for one bad request
+(that becomes a result with `error_kind`). It raises `FatalEngineError` only when the engine
+itself is unusable, which stops the run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+ENGINES = ("vllm", "openai", "transformers")
+
+# Model types whose processors take a video natively; every other model gets a video as a
+# list of frames (images). An explicit table, not a guess from the model's name.
+NATIVE_VIDEO_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next_video",
+                                      "llava_onevision"})
+
+
+class FatalEngineError(RuntimeError):
+    """The engine cannot serve any request (bad model, dead engine, unreachable endpoint)."""
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False   # True gives a fixed output length (benchmarks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    engine: str = "vllm"
+    model: str = ""
+    revision: str | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    video_input: str = "auto"              # auto | native | frames
+    max_video_frames: int = 32             # per-prompt image limit in frames mode
+    trust_remote_code: bool = False
+    # vllm
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    # openai-compatible endpoint
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key: str | None = None
+    concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 3
+    # transformers
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass
+class DescribeRequest:
+    prompt: str
+    media_type: str            # image | video
+    pixels: np.ndarray         # uint8 (H, W, 3) or (T, H, W, 3)
+
+
+@dataclass
+class DescribeResult:
+    text: str | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    finish_reason: str | None = None
+    latency_s: float | None = None
+    error_kind: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, kind: str, message: str, latency_s: float | None = None) -> "DescribeResult":
+        return cls(error_kind=kind, error=message[:2000], latency_s=latency_s)
+
+
+class Describer(Protocol):
+    def setup(self) -> None: ...
+    def describe(self, requests: list[DescribeRequest]) -> list[DescribeResult]: ...
+
+
+def make_describer(cfg: EngineConfig) -> Describer:
+    """Build (not set up) the backend named by cfg.engine; heavy imports happen in setup()."""
+    if cfg.engine == "vllm":
+        from pipelines.engines.vllm_engine import VllmDescriber
+        return VllmDescriber(cfg)
+    if cfg.engine == "openai":
+        from pipelines.engines.openai_engine import OpenAIDescriber
+        return OpenAIDescriber(cfg)
+    if cfg.engine == "transformers":
+        from pipelines.engines.transformers_engine import TransformersDescriber
+        return TransformersDescriber(cfg)
+    raise ValueError(f"unknown engine {cfg.engine!r}; choose one of {', '.join(ENGINES)}")
+
+
+def require(module: str, extra: str) -> Any:
+    """Import an optional dependency or fail early with the install hint."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise FatalEngineError(f"the {module!r} package is needed here ({err}); "
+                               f"install it with: pip install 'leccr-pipe[{extra}]'") from None
+
+
+def uses_native_video(cfg: EngineConfig, model_type: str | None) -> bool:
+    if cfg.video_input == "native":
+        return True
+    if cfg.video_input == "frames":
+        return False
+    return model_type in NATIVE_VIDEO_MODEL_TYPES
+
+
+def chat_content(prompt: str, media_type: str, n_frames: int, native_video: bool) -> list[dict]:
+    """Content parts of the one user turn: the media placeholders, then the prompt."""
+    if media_type == "video" and native_video:
+        parts = [{"type": "video"}]
+    elif media_type == "video":
+        parts = [{"type": "image"} for _ in range(n_frames)]
+    else:
+        parts = [{"type": "image"}]
+    return parts + [{"type": "text", "text": prompt}]
+
+
+def frames_of(request: DescribeRequest) -> list[np.ndarray]:
+    return list(request.pixels) if request.media_type == "video" else [request.pixels]
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
