@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
+import logging
 import os
 import shutil
 import time
@@ -83,7 +83,8 @@ class DescribeReport:
     prompt_tokens: int = 0
     output_tokens: int = 0
     wall_s: float = 0.0
-    startup_s: float = 0.0                 # until the first result came back (engine start etc.)
+    startup_s: float = 0.0                 # until the first engine batch came back (engine start etc.)
+    first_batch_rows: int = 0
     ingest: IngestReport | None = None
     fingerprints: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
@@ -93,15 +94,19 @@ class DescribeReport:
         return sum(self.errors.values())
 
     @property
-    def steady_s(self) -> float:
-        return max(self.wall_s - self.startup_s, 1e-9)
+    def rows_per_s(self) -> float:
+        """Steady throughput: rows after the first batch over the time after it (start-up
+        excluded); with a single batch, the whole run's rate."""
+        steady_rows = self.rows_written - self.first_batch_rows
+        if steady_rows > 0 and self.wall_s > self.startup_s:
+            return steady_rows / (self.wall_s - self.startup_s)
+        return self.rows_written / self.wall_s if self.wall_s else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(errors=dict(self.errors), error_rows=self.error_rows,
-                   rows_per_s=self.rows_written / self.steady_s if self.rows_written else 0.0,
-                   output_tokens_per_s=self.output_tokens / self.steady_s,
-                   prompt_tokens_per_s=self.prompt_tokens / self.steady_s)
+        per_row = self.rows_per_s / self.rows_written if self.rows_written else 0.0
+        out.update(errors=dict(self.errors), error_rows=self.error_rows, rows_per_s=self.rows_per_s,
+                   output_tokens_per_s=self.output_tokens * per_row, prompt_tokens_per_s=self.prompt_tokens * per_row)
         return out
 
 
@@ -282,8 +287,7 @@ def run(cfg: DescribeConfig) -> DescribeReport:
                 writer.add(_ingest_error_rows(plan.ingest_errors))
                 advance(sum(len(i["views"].split(",")) for i in plan.ingest_errors))
                 if plan.items:
-                    first = _stream_with_ray(cfg, plan.items, writer, advance)
-                    report.startup_s = first - started if first else 0.0
+                    _stream_with_ray(cfg, plan.items, writer, advance, report, started)
             finally:
                 writer.flush()  # whatever completed is kept, also on a fatal error
     report.wall_s = time.perf_counter() - started
@@ -360,6 +364,8 @@ def _engine_resources(cfg: DescribeConfig, cluster: dict[str, float]) -> tuple[i
 
 
 def init_ray(address: str | None) -> Any:
+    # before Ray Data first configures its loggers: keep its notices off the console
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
     import ray
     if ray.is_initialized():
         return ray
@@ -369,37 +375,39 @@ def init_ray(address: str | None) -> Any:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "OMP_", "TRANSFORMERS_"))}
     ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             runtime_env={"env_vars": env} if env else None)
+             logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False       # our own bar reports rows, not Ray's operators
     ctx.print_on_execution_start = False
     return ray
 
 
-def _stream_with_ray(cfg: DescribeConfig, items: list[dict], writer: DescriptionWriter, advance) -> float | None:
-    """Run load -> engine on Ray; write results as they stream in. Returns the first result time."""
+def _stream_with_ray(cfg: DescribeConfig, items: list[dict], writer: DescriptionWriter, advance,
+                     report: DescribeReport, started: float) -> None:
+    """Run load -> engine on Ray and write results as they stream in."""
     ray = init_ray(cfg.ray_address)
     n_engines, gpus = _engine_resources(cfg, ray.cluster_resources())
     rows = [{k: i[k] for k in ("item_id", "views", "media_type", "root", "relpath")} for i in items]
-    load_batch_items = max(1, cfg.batch_size // 4)
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // load_batch_items, 512)))
+    # batch_size counts engine requests; an item becomes one request per view
+    items_per_call = max(1, cfg.batch_size // len(cfg.views))
+    items_per_load = max(1, min(items_per_call, 16))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // items_per_load, 1024)))
     ds = ds.map_batches(_load_block, fn_kwargs={"media_cfg": cfg.media}, batch_format="pyarrow",
-                        batch_size=load_batch_items, num_cpus=cfg.load_num_cpus)
+                        batch_size=items_per_load, num_cpus=cfg.load_num_cpus)
     ds = ds.map_batches(_EngineActor, fn_constructor_kwargs={"engine_cfg": cfg.engine, "views": cfg.views},
-                        batch_format="pyarrow", batch_size=cfg.batch_size,
+                        batch_format="pyarrow", batch_size=items_per_call,
                         compute=ray.data.ActorPoolStrategy(size=n_engines),
                         num_gpus=gpus, num_cpus=cfg.engine_num_cpus)
-    first = None
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            first = first or time.perf_counter()
+            if not report.first_batch_rows:
+                report.startup_s, report.first_batch_rows = time.perf_counter() - started, batch.num_rows
             writer.add(batch.to_pylist())
             advance(batch.num_rows)
     except FatalEngineError:
         raise
     except Exception as err:  # noqa: BLE001 - Ray wraps actor failures; surface the real reason
         raise FatalEngineError(_root_cause(err)) from err
-    return first
 
 
 def _root_cause(err: BaseException) -> str:

@@ -115,7 +115,7 @@ def resolve_inside_root(root: Path, relpath: str) -> Path:
         raise MediaError("outside_root", f"path contains a NUL byte: {relpath!r}")
     real_root = os.path.realpath(root)
     real_path = os.path.realpath(os.path.join(real_root, relpath))
-    if os.path.commonpath([real_root, real_path]) != real_root or real_path == real_root:
+    if os.path.commonpath([real_root, real_path]) != real_root:
         raise MediaError("outside_root", f"{relpath!r} resolves outside the input root {str(root)!r}")
     if not os.path.exists(real_path):
         raise MediaError("not_found", f"{relpath!r} does not exist under {str(root)!r}")
@@ -140,7 +140,8 @@ def _check_file_size(path: Path, cfg: MediaConfig) -> None:
 
 
 def _check_source_geometry(width: int, height: int, cfg: MediaConfig) -> None:
-    """Refuses a source size before any pixel is decoded."""
+    """Refuses a bomb or an extreme aspect ratio (images: from the header, before decoding;
+    videos: from the first decoded frame, as decord reports no size before decoding)."""
     if width < 1 or height < 1:
         raise MediaError("unreadable_image", f"invalid size {width}x{height}")
     # PIL warns above Image.MAX_IMAGE_PIXELS and raises above twice that; treating its warning
@@ -499,7 +500,7 @@ def _decode_video(path: Path, cfg: MediaConfig) -> LoadedMedia:
 # calls frame_ts_.reserve(n) with the frame count the container *claims* (MP4 'stts', AVI
 # 'strh' dwLength, or duration x fps for Matroska); a claim of ~2e9 frames throws
 # std::bad_alloc, which decord's C API does not catch: "terminate called ... std::bad_alloc",
-# SIGABRT, no Python exception. Found by fuzzing (~3,000 mutated mp4/mkv/webm/avi files, each
+# SIGABRT, no Python exception. Found by fuzzing (~2,300 mutated mp4/mkv/webm/avi files, each
 # read in a subprocess): 3 aborts, all of this kind, 0 hangs, 0 segfaults; every other bad file
 # raised a Python exception. Header checks cannot rule it out (the claim comes from FFmpeg's
 # container-specific logic), and a Ray worker that aborts loses its whole batch and is
@@ -546,6 +547,8 @@ def _serve_video_requests() -> None:
     """The helper's main loop: one request {path, cfg} -> one reply, until stdin closes."""
     protocol_fd = os.dup(1)
     os.dup2(2, 1)  # anything a C library prints goes to stderr, never into the protocol
+    # Ctrl-C reaches the whole process group: the parent decides; the helper ends on stdin EOF.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         try:
             request, _ = _read_message(0)
@@ -578,11 +581,13 @@ class _VideoDecoderProcess:
         with self._lock:
             process = self._running_process()
             try:
-                _write_message(process.stdin.fileno(), {"path": str(path), "cfg": dataclasses.asdict(cfg)})
+                request = {"path": os.path.abspath(path), "cfg": dataclasses.asdict(cfg)}
+                _write_message(process.stdin.fileno(), request)
                 header, payload = _read_message(process.stdout.fileno(), time.monotonic() + timeout_s)
             except TimeoutError:
-                self.stop()
-                raise MediaError("unreadable_video", f"{path.name}: decoding took longer than {timeout_s:g} s") from None
+                self.stop(kill=True)  # it is stuck (or busy with a file we gave up on)
+                message = f"{path.name}: decoding took longer than {timeout_s:g} s"
+                raise MediaError("unreadable_video", message) from None
             except (EOFError, BrokenPipeError):
                 raise MediaError("unreadable_video", f"{path.name}: {self._death_notice()}") from None
         if not header["ok"]:
@@ -608,6 +613,9 @@ class _VideoDecoderProcess:
             [sys.executable, "-c", "from pipelines.media import _serve_video_requests; _serve_video_requests()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            # `-c` puts the working directory first on sys.path: run where this very package
+            # lives, so the helper cannot pick up some other `pipelines` from the caller's cwd.
+            cwd=package_parent,
             env={**os.environ, "PYTHONPATH": pythonpath},
         )
 
@@ -621,11 +629,13 @@ class _VideoDecoderProcess:
         cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         return f"the video decoder crashed on this file ({cause}); it is corrupt or hostile"
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
         process, self._process = self._process, None
         if process is None or self._owner_pid != os.getpid():
             return
-        process.stdin.close()  # the helper exits on EOF
+        if kill:
+            process.kill()
+        process.stdin.close()  # an idle helper exits on EOF
         try:
             process.wait(timeout=2)
         except subprocess.TimeoutExpired:
@@ -646,7 +656,9 @@ def _shared_decoder_process() -> _VideoDecoderProcess:
         return _decoder_process
 
 
-def load_video(path: Path, cfg: MediaConfig, *, isolated: bool = True, timeout_s: float = VIDEO_TIMEOUT_S) -> LoadedMedia:
+def load_video(
+    path: Path, cfg: MediaConfig, *, isolated: bool = True, timeout_s: float = VIDEO_TIMEOUT_S
+) -> LoadedMedia:
     """Samples, decodes and resizes frames of an untrusted video.
 
     isolated=True (the default) runs decord in the helper process, so a file that crashes or
@@ -666,7 +678,8 @@ def load_media(root: Path, relpath: str, cfg: MediaConfig) -> LoadedMedia:
     """Confines `relpath` to `root`, then loads it as an image or a video by its extension."""
     media_type = media_type_for(relpath)
     if media_type is None:
-        raise MediaError("unsupported_type", f"{relpath!r}: extension not in {sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)}")
+        known = sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
+        raise MediaError("unsupported_type", f"{relpath!r}: extension not in {known}")
     path = resolve_inside_root(Path(root), relpath)
     if media_type == "image":
         return load_image(path, cfg)

@@ -42,6 +42,7 @@ COLORS = {
     "brown": (120, 75, 35),
     "cyan": (40, 200, 220),
 }
+MIN_COLOR_DISTANCE = 120  # RGB distance: keeps pairs like purple-on-blue from blending
 SHAPES = ("circle", "square", "triangle", "star", "diamond")
 
 # A 3x3 grid: (column, row) -> the words a caption uses for that cell.
@@ -145,9 +146,6 @@ def _relation(first: tuple[int, int], second: tuple[int, int]) -> str:
     if first[1] == second[1]:
         return "left of" if first[0] < second[0] else "right of"
     return "above" if first[1] < second[1] else "below"
-
-
-MIN_COLOR_DISTANCE = 120  # RGB distance: keeps pairs like purple-on-blue from blending
 
 
 def _distinct(first: str, second: str) -> bool:
@@ -274,8 +272,13 @@ def _import_av():
 DEFAULT_CODECS = {".mp4": "libx264", ".mkv": "libx264", ".webm": "libvpx-vp9", ".avi": "mpeg4"}
 
 
-def make_video(path: Path, frames: np.ndarray, fps: float, codec: str | None = None) -> Path:
-    """Encodes uint8 RGB frames (T, H, W, 3) to `path`; the codec defaults by container."""
+def make_video(
+    path: Path, frames: np.ndarray, fps: float, codec: str | None = None, container_options: dict | None = None
+) -> Path:
+    """Encodes uint8 RGB frames (T, H, W, 3) to `path`; the codec defaults by container.
+
+    container_options go to the FFmpeg muxer, e.g. {"movflags": "faststart"} for MP4.
+    """
     av = _import_av()
     path = Path(path)
     frames = np.asarray(frames)
@@ -287,7 +290,7 @@ def make_video(path: Path, frames: np.ndarray, fps: float, codec: str | None = N
     if codec is None:
         raise ValueError(f"no default codec for {path.suffix!r}; pass codec=")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
+    with av.open(str(path), "w", options=container_options or {}) as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"

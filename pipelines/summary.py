@@ -28,7 +28,7 @@ def print_describe_summary(report: "DescribeReport") -> None:
         table.add_row("rows written", str(report.rows_written))
         errors = ", ".join(f"{k}: {v}" for k, v in report.errors.most_common()) or "none"
         table.add_row("error rows", f"{report.error_rows} ({errors})")
-        table.add_row("wall time", f"{report.wall_s:.1f} s (start-up {report.startup_s:.1f} s)")
+        table.add_row("wall time", f"{report.wall_s:.1f} s (start-up incl. first batch {report.startup_s:.1f} s)")
         table.add_row("throughput", f"{d['rows_per_s']:.2f} rows/s, {d['prompt_tokens_per_s']:.0f} prompt tok/s, "
-                                    f"{d['output_tokens_per_s']:.0f} output tok/s (after start-up)")
+                                    f"{d['output_tokens_per_s']:.0f} output tok/s (after the first batch)")
     Console(stderr=True).print(table)

@@ -55,7 +55,8 @@ def write_bomb_png(path: Path, width: int, height: int) -> Path:
     row = b"\x00" + bytes((width + 7) // 8)  # filter type 0 + packed bits
     compressor = zlib.compressobj(9)
     rows_per_chunk = 512
-    pieces = [compressor.compress(row * min(rows_per_chunk, height - start)) for start in range(0, height, rows_per_chunk)]
+    pieces = [compressor.compress(row * min(rows_per_chunk, height - start))
+              for start in range(0, height, rows_per_chunk)]
     pieces.append(compressor.flush())
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit, grayscale
     data = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", b"".join(pieces))
@@ -182,6 +183,12 @@ def _write_videos(directory: Path) -> dict[str, Path]:
     frames = moving_square_frames()
     for extension in ("mp4", "webm", "mkv", "avi"):
         files[f"good.{extension}"] = make_video(directory / f"good.{extension}", frames, fps=10)
+    # MP4 layouts seen in the wild: index first (web "faststart") and fragmented (DASH/CMAF,
+    # samples in 'moof' boxes, none in the 'moov' index).
+    files["good_faststart.mp4"] = make_video(directory / "good_faststart.mp4", frames, fps=10,
+                                             container_options={"movflags": "faststart"})
+    files["good_fragmented.mp4"] = make_video(directory / "good_fragmented.mp4", frames, fps=10,
+                                              container_options={"movflags": "frag_keyframe+empty_moov"})
     files["one_frame.mp4"] = make_video(directory / "one_frame.mp4", frames[:1], fps=10)
     files["corrupt.mp4"] = _write_corrupt_mp4(directory / "corrupt.mp4", files["good.mp4"].read_bytes())
     files["truncated.mp4"] = directory / "truncated.mp4"
