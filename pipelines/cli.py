@@ -121,15 +121,15 @@ def describe(
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster (default: a local Ray)."),
     num_engines: Optional[int] = typer.Option(None, help="Engine actors (default: one per GPU / TP group, else 1)."),
     batch_size: int = typer.Option(64, help="Requests per engine call."),
+    rows_per_file: int = typer.Option(2048, help="Rows per output Parquet file (the unit of resume)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the end summary as JSON here."),
 ) -> None:
     """Describe every image/video with an MLLM: WORKDIR/descriptions, one row per (item, view)."""
     from pipelines import describe as stage
-    from pipelines.engines.base import ENGINES, EngineConfig, FatalEngineError, SamplingConfig
+    from pipelines.engines.base import ENGINES, EngineConfig, SamplingConfig
     from pipelines.ingest import IngestConfig
     from pipelines.media import MediaConfig
-    from pipelines.store import StageInputError
 
     if engine not in ENGINES:
         _fail(EXIT_BAD_INPUT, f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -155,7 +155,7 @@ def describe(
         cfg = stage.DescribeConfig(workdir=workdir, engine=engine_cfg, views=chosen, media=media, ingest=ingest_cfg,
                                    limit=limit, dry_run=dry_run, overwrite=overwrite, max_error_rate=max_error_rate,
                                    ray_address=ray_address, num_engines=num_engines, batch_size=batch_size,
-                                   progress=progress)
+                                   rows_per_file=rows_per_file, progress=progress)
     except (TypeError, ValueError) as err:
         _fail(EXIT_BAD_INPUT, f"bad option: {err}")
     _run_describe(cfg, report_json)

@@ -26,8 +26,7 @@ import pyarrow as pa
 
 import schemas
 from pipelines import ids, store
-from pipelines.engines.base import (DescribeRequest, EngineConfig, FatalEngineError, SamplingConfig,
-                                    make_describer)
+from pipelines.engines.base import DescribeRequest, EngineConfig, FatalEngineError, make_describer
 from pipelines.ingest import IngestConfig, IngestReport
 from pipelines.media import MediaConfig, MediaError, decode_pixels, encode_pixels, load_media
 

@@ -20,6 +20,14 @@ from pipelines.engines.base import (DescribeRequest, DescribeResult, EngineConfi
                                     Stopwatch, frames_of)
 
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+# Backoff before retry n (n >= 1): BACKOFF_BASE_S * 2**(n-1), capped at BACKOFF_MAX_S, times a
+# jitter in [0.5, 1.5). Module constants so tests can shorten them.
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+def backoff_s(retry: int) -> float:
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (retry - 1)) * (0.5 + random.random())
 
 
 def _data_url(pixels: np.ndarray) -> str:
@@ -36,6 +44,8 @@ class OpenAIDescriber:
 
     def setup(self) -> None:
         import httpx
+        if self.cfg.concurrency < 1:
+            raise FatalEngineError(f"concurrency must be >= 1, got {self.cfg.concurrency}")
         headers = {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else {}
         limits = httpx.Limits(max_connections=self.cfg.concurrency)
         self.client = httpx.Client(headers=headers, timeout=self.cfg.timeout_s, limits=limits)
@@ -44,11 +54,22 @@ class OpenAIDescriber:
             listed.raise_for_status()
             served = [m.get("id") for m in listed.json().get("data", [])]
         except Exception as err:  # noqa: BLE001 - unreachable endpoint: nothing can succeed
+            self.client.close()
             raise FatalEngineError(f"endpoint {self.base_url} is not usable: {type(err).__name__}: {err}") from err
         if self.cfg.model not in served:
+            self.client.close()
             raise FatalEngineError(f"endpoint {self.base_url} does not serve model {self.cfg.model!r} "
                                    f"(it serves: {', '.join(map(str, served)) or 'nothing'})")
-        self.pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
+        self.pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="openai-describer")
+
+    def close(self) -> None:
+        """Release the worker threads and connections (optional: a finished process does it too)."""
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+        if getattr(self, "client", None) is not None:
+            self.client.close()
+            self.client = None
 
     def describe(self, requests: list[DescribeRequest]) -> list[DescribeResult]:
         return list(self.pool.map(self._describe_one, requests))
@@ -67,39 +88,55 @@ class OpenAIDescriber:
 
     def _describe_one(self, request: DescribeRequest) -> DescribeResult:
         import httpx
-        payload = self._payload(request)
         watch = Stopwatch()
+        try:
+            payload = self._payload(request)
+        except Exception as err:  # noqa: BLE001 - one unencodable request must not fail the batch
+            return DescribeResult.failed("invalid_request", f"cannot encode the media: {type(err).__name__}: {err}",
+                                         watch.elapsed())
+        attempts = max(0, self.cfg.max_retries) + 1
         last: DescribeResult | None = None
-        for attempt in range(self.cfg.max_retries + 1):
+        for attempt in range(attempts):
             if attempt:
-                time.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+                time.sleep(backoff_s(attempt))
             try:
                 response = self.client.post(f"{self.base_url}/chat/completions", json=payload)
             except httpx.TimeoutException as err:
-                last = DescribeResult.failed("timeout", f"no answer within {self.cfg.timeout_s}s: {err}")
+                last = DescribeResult.failed("timeout", f"no answer within {self.cfg.timeout_s}s: "
+                                                        f"{type(err).__name__}: {err}")
                 continue
             except httpx.TransportError as err:
                 last = DescribeResult.failed("connection", f"{type(err).__name__}: {err}")
                 continue
+            except httpx.HTTPError as err:  # e.g. DecodingError: the answer came, but garbled
+                return DescribeResult.failed("bad_response", f"{type(err).__name__}: {err}", watch.elapsed())
             if response.status_code in _RETRYABLE_STATUS:
                 last = DescribeResult.failed(f"http_{response.status_code}", response.text[:500])
                 continue
             if response.status_code >= 400:
                 return DescribeResult.failed(f"http_{response.status_code}", response.text[:500], watch.elapsed())
-            return self._result(response.json(), watch.elapsed())
+            try:
+                body = response.json()
+            except ValueError as err:  # not JSON (json.JSONDecodeError, UnicodeDecodeError)
+                return DescribeResult.failed("bad_response", f"status {response.status_code}, body is not JSON "
+                                                             f"({err}): {response.text[:300]!r}", watch.elapsed())
+            return self._result(body, watch.elapsed())
         assert last is not None
         last.latency_s = watch.elapsed()
-        last.error = f"after {self.cfg.max_retries + 1} attempts: {last.error}"
+        last.error = f"after {attempts} attempts: {last.error}"
         return last
 
     @staticmethod
-    def _result(body: dict, latency_s: float) -> DescribeResult:
+    def _result(body: Any, latency_s: float) -> DescribeResult:
         try:
             choice = body["choices"][0]
             usage = body.get("usage") or {}
-            return DescribeResult(text=choice["message"]["content"], finish_reason=choice.get("finish_reason"),
+            text = choice["message"]["content"]
+            if not isinstance(text, str):
+                raise TypeError(f"message content is {type(text).__name__}, not a string")
+            return DescribeResult(text=text, finish_reason=choice.get("finish_reason"),
                                   prompt_tokens=usage.get("prompt_tokens"),
                                   output_tokens=usage.get("completion_tokens"), latency_s=latency_s)
-        except (KeyError, IndexError, TypeError) as err:
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
             return DescribeResult.failed("bad_response", f"unexpected response shape ({err!r}): {str(body)[:300]}",
                                          latency_s)
