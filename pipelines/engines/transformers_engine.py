@@ -31,6 +31,9 @@ class TransformersDescriber:
         self.torch, self.device = torch, device
         self.native_video = uses_native_video(cfg, getattr(self.model.config, "model_type", None))
 
+    def close(self) -> None:
+        self.model = None
+
     def describe(self, requests: list[DescribeRequest]) -> list[DescribeResult]:
         return [self._describe_one(r) for r in requests]
 

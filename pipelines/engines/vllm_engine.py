@@ -37,6 +37,14 @@ class VllmDescriber:
                                           seed=s.seed, repetition_penalty=s.repetition_penalty,
                                           ignore_eos=s.ignore_eos)
 
+    def close(self) -> None:
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        if self.llm is not None:
+            engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+            if engine_core is not None:
+                engine_core.shutdown()
+            self.llm = None
+
     def _engine_input(self, request: DescribeRequest) -> dict:
         frames = frames_of(request)
         content = chat_content(request.prompt, request.media_type, len(frames), self.native_video)
