@@ -363,15 +363,18 @@ def _engine_resources(cfg: DescribeConfig, cluster: dict[str, float]) -> tuple[i
 
 
 def init_ray(address: str | None) -> Any:
+    """Connect to the given Ray cluster (or RAY_ADDRESS), else start a private local one."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Read by Ray at import time. A private local cluster: token auth protects shared
+        # clusters only, and its ports stay on loopback (else Ray listens on every interface).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # before Ray Data first configures its loggers: keep its notices off the console
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
     import ray
     if ray.is_initialized():
         return ray
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        # A private local cluster for this process: token auth protects shared clusters only.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "OMP_", "TRANSFORMERS_"))}
     ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
@@ -416,5 +419,5 @@ def _root_cause(err: BaseException) -> str:
     text = str(seen)
     for line in reversed(text.splitlines()):
         if "FatalEngineError" in line or "Error:" in line:
-            return line.strip()
+            return line.strip().removeprefix("pipelines.engines.base.FatalEngineError: ")
     return f"{type(seen).__name__}: {text[:2000]}"
