@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import logging
-import os
 import shutil
 import time
 import tomllib
@@ -29,6 +27,9 @@ from pipelines import ids, store
 from pipelines.engines.base import DescribeRequest, EngineConfig, FatalEngineError, make_describer
 from pipelines.ingest import IngestConfig, IngestReport
 from pipelines.media import MediaConfig, MediaError, decode_pixels, encode_pixels, load_media
+from pipelines.progress import progress_bar
+from pipelines.ray_utils import init_ray, root_cause
+from pipelines.shards import KeyedWriter, written_keys
 
 
 @dataclass(frozen=True)
@@ -218,46 +219,42 @@ def make_plan(cfg: DescribeConfig, fingerprints: dict[str, str]) -> Plan:
     return Plan(todo, ingest_errors, manifest.num_rows, rows_done, rows_todo)
 
 
-def _done_keys(folder: Path) -> set[tuple[str, str, str]]:
-    table = store.read_folder(folder, schemas.DESCRIPTIONS, columns=["item_id", "view", "fingerprint"])
-    return set(zip(*(table.column(c).to_pylist() for c in ("item_id", "view", "fingerprint"))))
+def _done_keys(folder: Path) -> set[tuple]:
+    return written_keys(folder, schemas.DESCRIPTIONS, ["item_id", "view", "fingerprint"])
 
 
 # --------------------------------------------------------------------------- output
 
 class DescriptionWriter:
-    """Buffers rows, adds provenance, writes files named after their row keys (exactly-once)."""
+    """Adds provenance to engine rows, counts them, and writes them exactly once."""
 
     def __init__(self, cfg: DescribeConfig, revision: str, fingerprints: dict[str, str], report: DescribeReport):
-        self.folder = cfg.workdir / store.DESCRIPTIONS_DIR
         self.cfg, self.revision, self.fingerprints, self.report = cfg, revision, fingerprints, report
         self.views = {v.name: v for v in cfg.views}
         self.sampling = ids.canonical_json(cfg.engine.sampling.as_dict())
-        self.buffer: list[dict] = []
+        self.out = KeyedWriter(cfg.workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS,
+                               key=lambda r: f"{r['item_id']}/{r['view']}/{r['fingerprint']}",
+                               rows_per_file=cfg.rows_per_file)
 
     def add(self, rows: Iterable[dict]) -> None:
         now = dt.datetime.now(dt.timezone.utc)
+        full = []
         for row in rows:
             view = self.views[row["view"]]
-            self.buffer.append({**row, "engine": self.cfg.engine.engine, "model": self.cfg.engine.model,
-                                "model_revision": self.revision, "prompt": view.prompt_for(row["media_type"]),
-                                "sampling": self.sampling, "fingerprint": self.fingerprints[view.name],
-                                "created_at": now})
+            full.append({**row, "engine": self.cfg.engine.engine, "model": self.cfg.engine.model,
+                         "model_revision": self.revision, "prompt": view.prompt_for(row["media_type"]),
+                         "sampling": self.sampling, "fingerprint": self.fingerprints[view.name],
+                         "created_at": now})
             if row.get("error_kind"):
                 self.report.errors[row["error_kind"]] += 1
             self.report.prompt_tokens += row.get("prompt_tokens") or 0
             self.report.output_tokens += row.get("output_tokens") or 0
-        if len(self.buffer) >= self.cfg.rows_per_file:
-            self.flush()
+        self.out.add(full)
+        self.report.rows_written = self.out.rows_written
 
     def flush(self) -> None:
-        if not self.buffer:
-            return
-        table = pa.Table.from_pylist(self.buffer, schema=schemas.DESCRIPTIONS)
-        keys = [f"{r['item_id']}/{r['view']}/{r['fingerprint']}" for r in self.buffer]
-        store.write_atomic(table, self.folder / f"part-{ids.content_key(keys)}.parquet")
-        self.report.rows_written += len(self.buffer)
-        self.buffer = []
+        self.out.flush()
+        self.report.rows_written = self.out.rows_written
 
 
 # --------------------------------------------------------------------------- the run
@@ -281,7 +278,7 @@ def run(cfg: DescribeConfig) -> DescribeReport:
         if cfg.dry_run:
             return report
         writer = DescriptionWriter(cfg, revision, report.fingerprints, report)
-        with _progress(cfg.progress, plan.rows_todo) as advance:
+        with progress_bar("describe", plan.rows_todo, cfg.progress) as advance:
             try:
                 writer.add(_ingest_error_rows(plan.ingest_errors))
                 advance(sum(len(i["views"].split(",")) for i in plan.ingest_errors))
@@ -297,31 +294,6 @@ def _ingest_error_rows(items: list[dict]) -> list[dict]:
     return [{"item_id": i["item_id"], "view": name, "media_type": i["media_type"],
              "error_kind": i["error_kind"], "error": i["error"]}
             for i in items for name in i["views"].split(",")]
-
-
-def _progress(enabled: bool, total: int):
-    from contextlib import contextmanager
-
-    @contextmanager
-    def bar():
-        if not enabled:
-            yield lambda n: None
-            return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-        columns = [TextColumn("describe"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                   TextColumn("[cyan]{task.fields[rate]}"),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-        with Progress(*columns, transient=False) as progress:
-            task = progress.add_task("describe", total=total, rate="")
-
-            def advance(n: int) -> None:
-                t = progress.tasks[task]
-                rate = f"{t.speed:.1f} rows/s" if t.speed else ""
-                progress.update(task, advance=n, rate=rate)
-            yield advance
-
-    return bar()
 
 
 # --------------------------------------------------------------------------- Ray plumbing
@@ -362,28 +334,6 @@ def _engine_resources(cfg: DescribeConfig, cluster: dict[str, float]) -> tuple[i
     return cfg.num_engines or gpus // tp, float(tp)
 
 
-def init_ray(address: str | None) -> Any:
-    """Connect to the given Ray cluster (or RAY_ADDRESS), else start a private local one."""
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        # Read by Ray at import time. A private local cluster: token auth protects shared
-        # clusters only, and its ports stay on loopback (else Ray listens on every interface).
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    # before Ray Data first configures its loggers: keep its notices off the console
-    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
-    import ray
-    if ray.is_initialized():
-        return ray
-    env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "OMP_", "TRANSFORMERS_"))}
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False       # our own bar reports rows, not Ray's operators
-    ctx.print_on_execution_start = False
-    return ray
-
-
 def _stream_with_ray(cfg: DescribeConfig, items: list[dict], writer: DescriptionWriter, advance,
                      report: DescribeReport, started: float) -> None:
     """Run load -> engine on Ray and write results as they stream in."""
@@ -409,15 +359,4 @@ def _stream_with_ray(cfg: DescribeConfig, items: list[dict], writer: Description
     except FatalEngineError:
         raise
     except Exception as err:  # noqa: BLE001 - Ray wraps actor failures; surface the real reason
-        raise FatalEngineError(_root_cause(err)) from err
-
-
-def _root_cause(err: BaseException) -> str:
-    seen = err
-    while getattr(seen, "cause", None) is not None and seen.cause is not seen:
-        seen = seen.cause
-    text = str(seen)
-    for line in reversed(text.splitlines()):
-        if "FatalEngineError" in line or "Error:" in line:
-            return line.strip().removeprefix("pipelines.engines.base.FatalEngineError: ")
-    return f"{type(seen).__name__}: {text[:2000]}"
+        raise FatalEngineError(root_cause(err)) from err

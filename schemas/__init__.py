@@ -63,6 +63,12 @@ CAPTIONS = _schema("captions", [
     pa.field("text", pa.string()),
     pa.field("origin", pa.string(), nullable=False),   # human | mt
     pa.field("source_caption_id", pa.string()),        # for mt: the caption it translates
+    pa.field("source_lang", pa.string()),              # for mt: the language translated from
+    # for mt: quality signals the trainer can filter or weight by
+    pa.field("quality_flags", pa.list_(pa.string())),  # e.g. empty, copy_of_source, length_ratio, wrong_script
+    pa.field("length_ratio", pa.float64()),            # len(translation) / len(source), in characters
+    pa.field("backtranslation", pa.string()),          # optional round trip back to the source language
+    pa.field("roundtrip_chrf", pa.float64()),          # chrF of the back-translation against the source
     *PROVENANCE_FIELDS,
 ])
 
@@ -111,6 +117,8 @@ def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
         return True
     if pa.types.is_timestamp(expected) and pa.types.is_timestamp(actual):
         return True
+    if pa.types.is_list(expected) and (pa.types.is_list(actual) or pa.types.is_large_list(actual)):
+        return _compatible(actual.value_type, expected.value_type)
     return False
 
 
