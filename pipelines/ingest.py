@@ -29,7 +29,8 @@ class IngestConfig:
     workdir: Path
     dataset: str | None = None            # default: the input folder's name
     annotations: list[Path] = field(default_factory=list)   # COCO captions JSON files
-    media_root: Path | None = None        # where COCO file_names live; default: the input root
+    media_root: Path | None = None        # where COCO file_names live; default: the input root,
+                                          # or INPUT/<split> (COCO 2017: train2017/) when they are there
     lang: str = "en"                      # language of the human captions
 
 
@@ -50,8 +51,8 @@ def run(cfg: IngestConfig) -> IngestReport:
     dataset = cfg.dataset or root.resolve().name
     annotation_files = list(cfg.annotations) or sorted((root / "annotations").glob("captions*.json"))
     if annotation_files:
-        media_root = (cfg.media_root or root).resolve()
-        items, captions, skipped = _read_coco(dataset, media_root, annotation_files, cfg.lang)
+        media_root = cfg.media_root.resolve() if cfg.media_root else None
+        items, captions, skipped = _read_coco(dataset, root.resolve(), media_root, annotation_files, cfg.lang)
         reader = "coco"
     else:
         items, captions = _read_folder(dataset, root.resolve(), cfg.lang)
@@ -171,13 +172,27 @@ def _load_coco_json(path: Path) -> dict:
     return data
 
 
-def _read_coco(dataset: str, root: Path, files: list[Path], lang: str) -> tuple[list[dict], list[dict], int]:
+def _guess_media_root(root: Path, split: str | None, images: list) -> Path:
+    """COCO keeps `file_name`s relative to a per-split folder (train2017/000000391895.jpg):
+    use INPUT/<split> when the first listed files are there and not directly under INPUT."""
+    names = [e["file_name"] for e in images[:5] if isinstance(e, dict) and isinstance(e.get("file_name"), str)]
+    split_root = root / split if split else None
+    if not names or split_root is None or not split_root.is_dir():
+        return root
+    direct = sum((root / n).is_file() for n in names)
+    nested = sum((split_root / n).is_file() for n in names)
+    return split_root.resolve() if nested > direct else root
+
+
+def _read_coco(dataset: str, input_root: Path, media_root: Path | None, files: list[Path],
+               lang: str) -> tuple[list[dict], list[dict], int]:
     items: dict[str, dict] = {}
     captions: list[dict] = []
     skipped = 0
     for path in files:
         data = _load_coco_json(path)
         split = _split_from_name(path)
+        root = media_root or _guess_media_root(input_root, split, data["images"])
         known: dict[str, str] = {}
         for entry in data["images"]:
             source_id, file_name = _coco_image_fields(entry)

@@ -55,6 +55,21 @@ def test_coco_reader_ids_captions_and_confinement(tmp_path):
     assert all(c["origin"] == "human" and c["lang"] == "en" for c in caps)
 
 
+def test_coco_2017_layout_finds_the_split_folder(tmp_path):
+    root = tmp_path / "coco"
+    _image(root / "train2017" / "000000000009.jpg")
+    _image(root / "val2017" / "000000000139.jpg")
+    _coco(root, [{"id": 9, "file_name": "000000000009.jpg"}], [{"id": 1, "image_id": 9, "caption": "a"}],
+          name="captions_train2017.json")
+    _coco(root, [{"id": 139, "file_name": "000000000139.jpg"}], [{"id": 2, "image_id": 139, "caption": "b"}],
+          name="captions_val2017.json")
+    report = ingest.run(ingest.IngestConfig(input=root, workdir=tmp_path / "w", dataset="coco"))
+    rows = {r["split"]: r for r in _manifest(tmp_path / "w")}
+    assert report.items == 2 and not report.item_errors
+    assert rows["train2017"]["root"] == str((root / "train2017").resolve())
+    assert rows["val2017"]["relpath"] == "000000000139.jpg" and rows["val2017"]["error"] is None
+
+
 def test_ids_are_stable_across_runs_and_entry_order(tmp_path):
     root = tmp_path / "coco"
     for i in range(3):
