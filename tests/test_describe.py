@@ -202,3 +202,28 @@ def test_fatal_engine_error_exits_1_with_the_reason(tmp_path, sample_data):
                                      "--limit", "2"))
     assert result.returncode == 1
     assert "fatal engine error" in result.stderr and "no-model" in result.stderr
+
+
+def test_runs_on_an_existing_ray_cluster_given_by_address(tmp_path, sample_data, tiny_qwen):
+    """--ray-address: the stage joins a cluster that another process started (on loopback)."""
+    holder_code = ("import os, sys, time, ray\n"
+                   "ray.init(num_cpus=2, include_dashboard=False)\n"
+                   "print(ray.get_runtime_context().gcs_address, flush=True)\n"
+                   "sys.stdin.read()\n")  # hold the cluster until the test closes stdin
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    holder = subprocess.Popen([CLI[0], "-c", holder_code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+    try:
+        address = holder.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), address
+        result = run_cli(*_describe_args(tmp_path / "w", tiny_qwen, "transformers", "--input", sample_data,
+                                         "--views", "objects", "--limit", "3", "--ray-address", address))
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = read_descriptions(tmp_path / "w")
+        assert len(rows) == 3 and all(r["error"] is None for r in rows)
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(holder.pid, signal.SIGKILL)
