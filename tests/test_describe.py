@@ -216,8 +216,10 @@ def test_runs_on_an_existing_ray_cluster_given_by_address(tmp_path, sample_data,
     try:
         address = holder.stdout.readline().strip()
         assert address.startswith("127.0.0.1:"), address
+        # the driver must also take its address from loopback, where this test cluster lives
         result = run_cli(*_describe_args(tmp_path / "w", tiny_qwen, "transformers", "--input", sample_data,
-                                         "--views", "objects", "--limit", "3", "--ray-address", address))
+                                         "--views", "objects", "--limit", "3", "--ray-address", address),
+                         timeout=240, env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
         assert result.returncode == 0, result.stderr[-3000:]
         rows = read_descriptions(tmp_path / "w")
         assert len(rows) == 3 and all(r["error"] is None for r in rows)
