@@ -182,7 +182,10 @@ def describe_batch(describer: Any, views: dict[str, View], loaded: list[dict]) -
             if pixels is not None:
                 requests.append(DescribeRequest(views[name].prompt_for(item["media_type"]), item["media_type"], pixels))
                 slots.append(row)
-    for row, result in zip(slots, describer.describe(requests) if requests else []):
+    results = describer.describe(requests) if requests else []
+    if len(results) != len(requests):  # a broken engine contract must not silently drop rows
+        raise FatalEngineError(f"the engine returned {len(results)} results for {len(requests)} requests")
+    for row, result in zip(slots, results):
         row.update(text=result.text, prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens,
                    finish_reason=result.finish_reason, latency_s=result.latency_s,
                    error_kind=result.error_kind, error=result.error)
@@ -351,7 +354,10 @@ def _stream_with_ray(cfg: DescribeConfig, items: list[dict], writer: Description
                         compute=ray.data.ActorPoolStrategy(size=n_engines),
                         num_gpus=gpus, num_cpus=cfg.engine_num_cpus)
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # prefetch_batches=0: with the default (1) Ray Data holds each finished block until the
+        # next one exists (its prefetch window blocks on next()), so every result reached us
+        # one engine call late: progress, written rows and startup_s all lagged a batch.
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             if not report.first_batch_rows:
                 report.startup_s, report.first_batch_rows = time.perf_counter() - started, batch.num_rows
             writer.add(batch.to_pylist())
