@@ -1,0 +1,84 @@
+"""Embed an evaluation split and score it: item embeddings (v^, m^), caption embeddings (h),
+score matrices fused as the config says, retrieval metrics and per-query ranks."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from .data import (CaptionDataset, DataConfig, DescFeatureCache, EvalSet, ItemDataset, collate_captions,
+                   collate_items, loader_generator)
+from .metrics import fuse_scores, global_scores, local_scores, retrieval_metrics, retrieval_ranks
+
+
+@dataclass
+class Embeddings:
+    v_hat: torch.Tensor            # [I, e] items, L2-normalised
+    m_hat: torch.Tensor            # [I, K, e] local (slot) embeddings
+    h: torch.Tensor                # [C, e] captions
+    caption_item: torch.Tensor     # [C] index of each caption's item
+
+
+@dataclass
+class RankResult:
+    metrics: dict[str, float]
+    t2v: torch.Tensor              # [C] rank of each caption's item
+    v2t: torch.Tensor              # [I'] best rank of each captioned item's captions
+    v2t_items: torch.Tensor        # [I'] indices of those items
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def embed(model, evalset: EvalSet, tokenizer, data_cfg: DataConfig, device: torch.device | str = "cpu",
+          batch_size: int = 128, num_workers: int = 0, autocast=None,
+          desc_cache: DescFeatureCache | None = None) -> Embeddings:
+    """Run the model once over the split's items and captions (eval mode; the mode is restored)."""
+    device = torch.device(device)
+    autocast = autocast or nullcontext
+    was_training = model.training
+    model.eval()
+    common = dict(batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                  generator=loader_generator(0), pin_memory=device.type == "cuda")
+    try:
+        v_parts, m_parts = [], []
+        items = torch.utils.data.DataLoader(ItemDataset(evalset.items, tokenizer, data_cfg, desc_cache),
+                                            collate_fn=collate_items, **common)
+        for batch in items:
+            b = _to_device(batch, device)
+            with autocast():
+                out = model.encode_visual(b["visual"], b.get("desc_ids"), b["desc_mask"], b["visual_mask"],
+                                          b.get("desc_feats"))
+            v_parts.append(out.v_hat.float().cpu())
+            m_parts.append(out.m_hat.float().cpu())
+        h_parts = []
+        caps = torch.utils.data.DataLoader(CaptionDataset(evalset.captions, tokenizer, data_cfg),
+                                           collate_fn=collate_captions, **common)
+        for batch in caps:
+            b = _to_device(batch, device)
+            with autocast():
+                h = model.encode_text(b["ids"], b["mask"])
+            h_parts.append(h.float().cpu())
+    finally:
+        model.train(was_training)
+    return Embeddings(v_hat=torch.cat(v_parts), m_hat=torch.cat(m_parts), h=torch.cat(h_parts),
+                      caption_item=torch.tensor([c.item for c in evalset.captions], dtype=torch.long))
+
+
+def score(emb: Embeddings, fusion_weight: float) -> torch.Tensor:
+    """[C, I] = (1 - w) mm(S_g) + w mm(S_l) (w = 0: S_g alone; S_l is not computed)."""
+    s_g = global_scores(emb.h, emb.v_hat)
+    s_l = local_scores(emb.h, emb.m_hat) if fusion_weight > 0 else None
+    return fuse_scores(s_g, s_l, fusion_weight)
+
+
+def rank(emb: Embeddings, fusion_weight: float) -> RankResult:
+    scores = score(emb, fusion_weight)
+    t2v, v2t = retrieval_ranks(scores, emb.caption_item)
+    has_caption = torch.bincount(emb.caption_item, minlength=scores.shape[1]) > 0
+    return RankResult(metrics=retrieval_metrics(scores, emb.caption_item), t2v=t2v, v2t=v2t,
+                      v2t_items=has_caption.nonzero().flatten())

@@ -1,0 +1,533 @@
+"""The train stage: one LECCR model per target language, from the working folder.
+
+Inputs (all validated against schemas/): WORKDIR/manifest (items, splits from the `split`
+column), WORKDIR/captions (English human captions of the train split paired with their
+machine translations into --lang via `source_caption_id`; human --lang captions of the
+validation split), WORKDIR/descriptions (one row per (item, view); the views to use are a
+config choice). Training rows are (item, English caption, its translation); validation picks
+the checkpoint with the best R@sum.
+
+One process needs no launcher (`leccr_core.train.train` in this process). With `workers > 1`
+or a Ray address it runs on Ray Train (TorchTrainer: one DDP rank per worker, gloo on CPU,
+NCCL on GPUs); the driver follows the ranks through train.jsonl for its progress bar.
+
+Outputs: WORKDIR/checkpoints/<run>/{last,best}.pt, WORKDIR/logs/train-<run>/{train.jsonl,
+summary.json, tensorboard/}. An existing run is resumed only when asked (`resume`), or
+replaced (`overwrite`); otherwise the stage refuses to touch it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import schemas
+from pipelines import store
+
+# Describe-stage error kinds that mean the media itself could not be read (pipelines/media.py):
+# such an item is skipped; other description errors (engine failures) leave the item with an
+# empty description.
+MEDIA_ERROR_KINDS = frozenset({
+    "empty_file", "too_large", "unreadable_image", "decompression_bomb", "bad_aspect_ratio", "unreadable_video",
+    "no_video_stream", "empty_video", "outside_root", "not_found", "unsupported_type", "load_failed"})
+DEFAULT_VIEW = "detailed"
+
+
+@dataclass
+class TrainStageConfig:
+    workdir: Path
+    lang: str                                   # target language (BCP-47, as the captions spell it)
+    preset: str | None = None                   # leccr_core.config.BENCHMARK_PRESETS name
+    model: dict[str, Any] = field(default_factory=dict)   # LeccrConfig overrides (vision_model, d, w_dstl, ...)
+    train: Any = None                           # leccr_core.train.TrainConfig (None: defaults)
+    views: tuple[str, ...] | None = None        # description views; None: "detailed" if present, else the first
+    source_lang: str = "en"
+    train_split: str = "train"
+    val_split: str | None = "val"               # None: no validation (last.pt only, no best.pt)
+    media: str | None = None                    # image | video; None: what the manifest holds
+    video_frames: int = 8
+    caption_max_tokens: int = 64
+    drop_mt_flags: tuple[str, ...] = ()         # drop translations carrying any of these quality flags
+    run_name: str | None = None                 # default: the language
+    resume: bool = False
+    overwrite: bool = False
+    workers: int = 1                            # >1: Ray Train with this many DDP ranks
+    use_gpu: bool | None = None                 # Ray Train: None = when the cluster has GPUs
+    cpus_per_worker: float = 1.0
+    ray_address: str | None = None
+    progress: bool = True
+
+    @property
+    def run(self) -> str:
+        return self.run_name or self.lang
+
+
+@dataclass
+class TrainData:
+    """The working folder turned into records (leccr_core.data)."""
+    media: str
+    views: tuple[str, ...]
+    items: list                                  # ItemRecord, train split
+    pairs: list                                  # PairRecord
+    val: Any                                     # EvalSet | None
+    counts: Counter = field(default_factory=Counter)
+    fingerprints: dict[str, list[str]] = field(default_factory=dict)   # view -> description fingerprints used
+
+
+@dataclass
+class TrainReport:
+    run: str
+    lang: str
+    media: str
+    views: tuple[str, ...]
+    train_items: int
+    train_rows: int
+    val_items: int
+    val_captions: int
+    skipped: dict[str, int]
+    summary: dict[str, Any]
+    run_dir: str
+    log_dir: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- reading the workdir
+
+CAPTION_COLUMNS = ["caption_id", "item_id", "split", "lang", "text", "origin", "source_caption_id", "quality_flags",
+                   "created_at", "error_kind"]
+DESCRIPTION_COLUMNS = ["item_id", "view", "text", "fingerprint", "created_at", "error_kind"]
+
+
+def _read(folder: Path, schema, stage_hint: str, what: str, columns: list[str] | None = None):
+    if not store.parquet_files(folder):
+        raise store.StageInputError(f"no {what} in {folder}: {stage_hint}")
+    try:
+        return store.read_folder(folder, schema, columns=columns).to_pylist()
+    except schemas.SchemaError as err:
+        raise store.StageInputError(f"{what}: {err}") from None
+
+
+def _same_lang(a: str | None, b: str) -> bool:
+    return a is not None and a.lower() == b.lower()
+
+
+def read_workdir(workdir: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    manifest = _read(workdir / store.MANIFEST_DIR, schemas.MANIFEST,
+                     "run `leccr-pipe ingest` (or `describe --input`) first", "manifest")
+    captions = _read(workdir / store.CAPTIONS_DIR, schemas.CAPTIONS, "run `leccr-pipe ingest` first", "captions",
+                     CAPTION_COLUMNS)
+    descriptions = _read(workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS,
+                         "run `leccr-pipe describe` first", "descriptions", DESCRIPTION_COLUMNS)
+    return manifest, captions, descriptions
+
+
+def choose_views(descriptions: list[dict], wanted: tuple[str, ...] | None) -> tuple[str, ...]:
+    available = sorted({r["view"] for r in descriptions if r["error_kind"] is None and r["text"] is not None})
+    if not available:
+        raise store.StageInputError("every description row is an error row: nothing to train on")
+    if wanted:
+        unknown = [v for v in wanted if v not in available]
+        if unknown:
+            raise store.StageInputError(f"description view(s) {', '.join(unknown)} not in the workdir; "
+                                        f"available: {', '.join(available)}")
+        return tuple(wanted)
+    return (DEFAULT_VIEW,) if DEFAULT_VIEW in available else (available[0],)
+
+
+def _latest_descriptions(descriptions: list[dict], views: tuple[str, ...]) -> tuple[dict, dict, dict]:
+    """(item, view) -> text of the newest good row; item -> set of error kinds; view -> fingerprints."""
+    best: dict[tuple[str, str], dict] = {}
+    errors: dict[str, set] = {}
+    for r in descriptions:
+        if r["view"] not in views:
+            continue
+        if r["error_kind"] is not None or r["text"] is None:
+            errors.setdefault(r["item_id"], set()).add(r["error_kind"] or "no_text")
+            continue
+        key = (r["item_id"], r["view"])
+        old = best.get(key)
+        stamp = r["created_at"].timestamp() if r["created_at"] is not None else 0.0
+        newer = old is None or stamp > old["_t"]
+        if newer or (stamp == old["_t"] and (r["fingerprint"] or "") > (old["fingerprint"] or "")):
+            best[key] = {**r, "_t": stamp}
+    prints: dict[str, set] = {}
+    for (_, view), r in best.items():
+        prints.setdefault(view, set()).add(r["fingerprint"] or "")
+    return ({k: v["text"] for k, v in best.items()}, errors,
+            {v: sorted(p) for v, p in prints.items()})
+
+
+def usable_items(manifest: list[dict], descriptions: list[dict], views: tuple[str, ...], media: str | None,
+                 counts: Counter) -> tuple[dict[str, Any], str, dict]:
+    """item_id -> ItemRecord for every item whose media can be used; counts what is skipped."""
+    from leccr_core.data import ItemRecord
+    texts, desc_errors, prints = _latest_descriptions(descriptions, views)
+    rows = []
+    for r in manifest:
+        if r["error_kind"] is not None or r["relpath"] is None:
+            counts[f"manifest_error:{r['error_kind'] or 'no_path'}"] += 1
+            continue
+        rows.append(r)
+    kinds = Counter(r["media_type"] for r in rows)
+    if media is None:
+        known = {k for k in kinds if k in ("image", "video")}
+        if len(known) > 1:
+            raise store.StageInputError(f"the manifest mixes images ({kinds['image']}) and videos ({kinds['video']}): "
+                                        "choose one with --media image|video")
+        media = known.pop() if known else "image"
+    items = {}
+    for r in rows:
+        if r["media_type"] != media:
+            counts[f"other_media:{r['media_type']}"] += 1
+            continue
+        per_view = tuple(texts.get((r["item_id"], v)) for v in views)
+        if all(t is None for t in per_view) and desc_errors.get(r["item_id"], set()) & MEDIA_ERROR_KINDS:
+            counts["media_unreadable_in_describe"] += 1
+            continue
+        if all(t is None for t in per_view):
+            counts["items_without_description"] += 1
+        elif any(t is None for t in per_view):
+            counts["items_missing_a_view"] += 1
+        items[r["item_id"]] = (ItemRecord(r["item_id"], media, r["root"], r["relpath"], per_view), r["split"])
+    return items, media, prints
+
+
+def build_eval_set(items: dict, captions: list[dict], split: str, lang: str, name: str | None = None):
+    """Items of `split` with their human `lang` captions (items without one are left out)."""
+    from leccr_core.data import CaptionRecord, EvalSet
+    chosen = sorted(i for i, (_, s) in items.items() if s == split)
+    caps = sorted((c for c in captions if c["origin"] == "human" and _same_lang(c["lang"], lang)
+                   and c["item_id"] in items and items[c["item_id"]][1] == split and c["text"]),
+                  key=lambda c: c["caption_id"])
+    with_caption = sorted({c["item_id"] for c in caps})
+    index = {item_id: k for k, item_id in enumerate(with_caption)}
+    evalset = EvalSet(items=[items[i][0] for i in with_caption],
+                      captions=[CaptionRecord(c["caption_id"], index[c["item_id"]], c["text"]) for c in caps],
+                      name=name or split)
+    return evalset, len(chosen)
+
+
+def _splits(items: dict) -> str:
+    found = Counter(s for _, s in items.values())
+    return ", ".join(f"{s!r} ({n})" for s, n in sorted(found.items(), key=lambda kv: str(kv[0]))) or "none"
+
+
+def load_train_data(cfg: TrainStageConfig) -> TrainData:
+    from leccr_core.data import PairRecord
+    manifest, captions, descriptions = read_workdir(cfg.workdir)
+    counts: Counter = Counter()
+    views = choose_views(descriptions, cfg.views)
+    items, media, prints = usable_items(manifest, descriptions, views, cfg.media, counts)
+
+    train_ids = sorted(i for i, (_, s) in items.items() if s == cfg.train_split)
+    if not train_ids:
+        raise store.StageInputError(f"the train split {cfg.train_split!r} has no usable {media} items; "
+                                    f"splits in the manifest: {_splits(items)}")
+    index = {item_id: k for k, item_id in enumerate(train_ids)}
+    sources = {c["caption_id"]: c for c in captions
+               if c["origin"] == "human" and _same_lang(c["lang"], cfg.source_lang) and c["item_id"] in index
+               and c["text"]}
+    if not sources:
+        raise store.StageInputError(f"no human {cfg.source_lang!r} captions for the {cfg.train_split!r} items")
+    mt = [c for c in captions if c["origin"] == "mt" and _same_lang(c["lang"], cfg.lang)]
+    if not mt:
+        raise store.StageInputError(f"no machine-translated {cfg.lang!r} captions in "
+                                    f"{cfg.workdir / store.CAPTIONS_DIR}: "
+                                    f"run `leccr-pipe translate --workdir {cfg.workdir} --to {cfg.lang}` first")
+    newest: dict[str, dict] = {}
+    for c in mt:
+        if c["error_kind"] is not None or not (c["text"] or "").strip():
+            counts["mt_error_or_empty"] += 1
+            continue
+        if set(c["quality_flags"] or ()) & set(cfg.drop_mt_flags):
+            counts["mt_dropped_by_flag"] += 1
+            continue
+        src = c["source_caption_id"]
+        if src not in sources:
+            counts["mt_without_train_source"] += 1
+            continue
+        old = newest.get(src)
+        stamp = c["created_at"].timestamp() if c["created_at"] is not None else 0.0
+        if old is not None:
+            counts["mt_older_duplicates"] += 1
+        if old is None or stamp > old["_t"]:
+            newest[src] = {**c, "_t": stamp}
+    untranslated = len(set(sources) - set(newest))
+    if untranslated:
+        counts["english_without_translation"] += untranslated
+    pairs = [PairRecord(index[sources[s]["item_id"]], sources[s]["text"], newest[s]["text"]) for s in sorted(newest)]
+    if not pairs:
+        raise store.StageInputError(f"no (English caption, {cfg.lang} translation) pairs for the "
+                                    f"{cfg.train_split!r} split: every translation is an error, flagged or unmatched")
+    val = None
+    if cfg.val_split:
+        val, n_val_items = build_eval_set(items, captions, cfg.val_split, cfg.lang)
+        if not val.captions:
+            raise store.StageInputError(
+                f"the validation split {cfg.val_split!r} has {n_val_items} usable items and no human {cfg.lang!r} "
+                f"captions (splits in the manifest: {_splits(items)}); name another with --val-split, or train "
+                "without model selection: --val-split none")
+    return TrainData(media=media, views=views, items=[items[i][0] for i in train_ids], pairs=pairs, val=val,
+                     counts=counts, fingerprints=prints)
+
+
+# --------------------------------------------------------------------------- configs
+
+def model_config(cfg: TrainStageConfig, media: str):
+    """Preset + overrides; the visual and text widths come from the encoders' own configs
+    unless given (a tiny or another-size encoder then needs no extra flags)."""
+    from leccr_core.config import LeccrConfig
+    try:
+        base = dict(LeccrConfig.from_preset(cfg.preset).to_dict()) if cfg.preset else {}
+    except KeyError as err:
+        raise store.StageInputError(str(err).strip("'\"")) from None
+    explicit = dict(cfg.model)
+    if cfg.preset and base["media"] != media:
+        raise store.StageInputError(f"preset {cfg.preset} is for {base['media']}, the data are {media}")
+    merged = {**base, **explicit, "media": media}
+    try:
+        from transformers import AutoConfig
+        if "text_width" not in explicit:
+            text_model = merged.get("text_model", LeccrConfig.text_model)
+            merged["text_width"] = AutoConfig.from_pretrained(text_model).hidden_size
+        vision_needed = not (media == "video" and merged.get("video_input", "clip_frames") == "features")
+        if "d" not in explicit and vision_needed:
+            vision_model = merged.get("vision_model", LeccrConfig.vision_model)
+            vc = AutoConfig.from_pretrained(vision_model)
+            merged["d"] = vc.projection_dim
+    except OSError as err:
+        raise store.StageInputError(f"cannot read an encoder config: {err}") from None
+    try:
+        return LeccrConfig(**merged)
+    except (TypeError, ValueError) as err:
+        raise store.StageInputError(f"model config: {err}") from None
+
+
+def data_config(cfg: TrainStageConfig, mc, views: tuple[str, ...]):
+    from leccr_core.data import DataConfig
+    return DataConfig(views=views, caption_max_words=mc.caption_max_words, caption_max_tokens=cfg.caption_max_tokens,
+                      desc_max_tokens=mc.desc_max_tokens, image_size=mc.image_size, video_frames=cfg.video_frames)
+
+
+def _check_resume(last: Path, mc, dc, tc) -> None:
+    from leccr_core.checkpoint import CheckpointError, load_checkpoint
+    from leccr_core.train import RESUME_FIELDS
+    try:
+        ckpt = load_checkpoint(last)
+    except CheckpointError as err:
+        raise store.StageInputError(str(err)) from None
+    diffs = [f"model.{k}" for k, v in mc.to_dict().items() if ckpt["model_config"].get(k) != v]
+    diffs += [f"data.{k}" for k, v in json.loads(json.dumps(dc.to_dict())).items()
+              if json.loads(json.dumps(ckpt["data_config"].get(k))) != v]
+    saved_train = json.loads(json.dumps(ckpt["train_config"]))
+    now_train = json.loads(json.dumps(tc.to_dict()))
+    diffs += [f"train.{k}" for k in RESUME_FIELDS if saved_train.get(k) != now_train.get(k)]
+    if diffs:
+        raise store.StageInputError(f"cannot resume {last}: the run's settings changed ({', '.join(diffs)}); "
+                                    "use the same settings, or --overwrite to start again")
+
+
+def _cache_dirs(cfg: TrainStageConfig, data: TrainData, mc, dc) -> dict[str, Path]:
+    """Build (once) the description-feature caches of the train and val items."""
+    import torch
+    from transformers import AutoModel
+
+    from leccr_core.data import DescFeatureCache
+    from leccr_core.model import load_tokenizer
+    text = AutoModel.from_pretrained(mc.text_model)
+    tokenizer = load_tokenizer(mc)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    for name, items in (("train", data.items), ("val", data.val.items if data.val else [])):
+        if not items:
+            continue
+        h = hashlib.sha256(json.dumps([mc.text_model, dc.to_dict(), [(i.item_id, i.descriptions) for i in items]],
+                                      sort_keys=True, default=str).encode()).hexdigest()[:20]
+        folder = cfg.workdir / "cache" / f"desc-{h}"
+        if not DescFeatureCache.exists(folder):
+            DescFeatureCache.build(folder, text, tokenizer, items, dc, device=device)
+        out[name] = folder
+    return out
+
+
+# --------------------------------------------------------------------------- run
+
+def run(cfg: TrainStageConfig) -> TrainReport:
+    from leccr_core.train import TrainConfig, TrainJob
+    tc = cfg.train or TrainConfig()
+    if cfg.workers < 1:
+        raise store.StageInputError("--workers must be at least 1")
+    if tc.batch_size % cfg.workers:
+        raise store.StageInputError(f"--batch-size {tc.batch_size} is not divisible by {cfg.workers} workers")
+    data = load_train_data(cfg)
+    mc = model_config(cfg, data.media)
+    if mc.media == "video" and mc.video_input == "features":
+        raise store.StageInputError("video_input='features' needs pre-extracted frame features, which no stage "
+                                    "writes yet; use the default clip_frames")
+    dc = data_config(cfg, mc, data.views)
+    run_dir = cfg.workdir / "checkpoints" / cfg.run
+    log_dir = cfg.workdir / "logs" / f"train-{cfg.run}"
+    with store.exclusive(cfg.workdir, f"train-{cfg.run}"):
+        last = run_dir / "last.pt"
+        if cfg.overwrite:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(log_dir, ignore_errors=True)
+        elif last.is_file() and not cfg.resume:
+            raise store.StageInputError(f"{run_dir} already holds a run: --resume to continue it, "
+                                        "--overwrite to start again")
+        elif cfg.resume and last.is_file():
+            _check_resume(last, mc, dc, tc)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        caches = _cache_dirs(cfg, data, mc, dc) if tc.cache_desc_features else {}
+        meta = {"run": cfg.run, "lang": cfg.lang, "source_lang": cfg.source_lang, "train_split": cfg.train_split,
+                "val_split": cfg.val_split, "workdir": str(cfg.workdir), "skipped": dict(data.counts),
+                "description_fingerprints": data.fingerprints}
+        job = TrainJob(model_cfg=mc, data_cfg=dc, train_cfg=tc, items=data.items, pairs=data.pairs, val=data.val,
+                       run_dir=run_dir, log_dir=log_dir, resume=cfg.resume, desc_cache=caches, meta=meta)
+        if cfg.workers > 1 or cfg.ray_address:
+            summary = _train_with_ray(cfg, job)
+        else:
+            summary = _train_here(cfg, job)
+    return TrainReport(run=cfg.run, lang=cfg.lang, media=data.media, views=data.views, train_items=len(data.items),
+                       train_rows=len(data.pairs), val_items=len(data.val.items) if data.val else 0,
+                       val_captions=len(data.val.captions) if data.val else 0, skipped=dict(data.counts),
+                       summary=summary, run_dir=str(run_dir), log_dir=str(log_dir))
+
+
+def _steps_total(job) -> int:
+    from leccr_core.train import total_steps
+    return total_steps(len(job.pairs), job.train_cfg)
+
+
+def _train_here(cfg: TrainStageConfig, job) -> dict:
+    from leccr_core.train import train
+
+    from pipelines.progress import progress_bar
+    done = _resume_step(job)
+    with progress_bar(f"train {cfg.run}", _steps_total(job), enabled=cfg.progress) as advance:
+        advance(done)
+        return train(job, on_step=lambda logs: advance(1))
+
+
+def _resume_step(job) -> int:
+    last = job.run_dir / "last.pt"
+    if not (job.resume and last.is_file()):
+        return 0
+    from leccr_core.checkpoint import load_checkpoint
+    return int(load_checkpoint(last)["position"]["step"])
+
+
+def _ray_worker(config: dict) -> None:
+    """One DDP rank under Ray Train (torch.distributed is already initialised)."""
+    import ray.train
+    import ray.train.torch
+
+    from leccr_core.train import train
+    ctx = ray.train.get_context()
+    train(config["job"], rank_=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device())
+
+
+def _train_with_ray(cfg: TrainStageConfig, job) -> dict:
+    from pipelines.progress import progress_bar
+    from pipelines.ray_utils import init_ray, root_cause
+    ray = init_ray(cfg.ray_address)
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= cfg.workers
+    if use_gpu and job.train_cfg.device == "cpu":
+        use_gpu = False
+    trainer = TorchTrainer(
+        _ray_worker, train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                                           **({"GPU": 1} if use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=f"train-{cfg.run}-{int(time.time())}", storage_path=str(job.log_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=0)))
+    outcome: dict[str, Any] = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except Exception as err:  # noqa: BLE001 - reported below with its root cause
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, daemon=True)
+    start_step = _resume_step(job)
+    log_path = job.log_dir / "train.jsonl"
+    with progress_bar(f"train {cfg.run} ({cfg.workers} workers)", _steps_total(job), enabled=cfg.progress) as advance:
+        advance(start_step)
+        shown = start_step
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            shown = _follow(log_path, shown, advance)
+        _follow(log_path, shown, advance)
+    if "error" in outcome:
+        raise RuntimeError(f"Ray Train failed: {root_cause(outcome['error'])}") from outcome["error"]
+    result = outcome.get("result")
+    if result is not None and getattr(result, "error", None):
+        raise RuntimeError(f"Ray Train failed: {root_cause(result.error)}")
+    summary_path = job.log_dir / "summary.json"
+    return json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+
+
+def _follow(log_path: Path, shown: int, advance) -> int:
+    """Advance the bar to the newest step in train.jsonl."""
+    if not log_path.is_file():
+        return shown
+    newest = shown
+    try:
+        for line in log_path.read_text(encoding="utf-8").splitlines()[-50:]:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "event" not in rec:
+                newest = max(newest, int(rec.get("step", 0)))
+    except OSError:
+        return shown
+    if newest > shown:
+        advance(newest - shown)
+    return newest
+
+
+# --------------------------------------------------------------------------- summary
+
+def print_summary(report: TrainReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    s = report.summary
+    table = Table(title=f"train {report.run}: summary", show_header=False)
+    table.add_row("data", f"{report.media}: {report.train_items} train items, {report.train_rows} caption pairs "
+                          f"(en -> {report.lang}); val {report.val_items} items / {report.val_captions} captions; "
+                          f"views {', '.join(report.views)}")
+    table.add_row("skipped", ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items())) or "none")
+    if s:
+        state = "finished" if s.get("finished") else f"stopped at step {s.get('steps')}"
+        table.add_row("steps", f"{s.get('steps')} / {s.get('steps_total')} ({state}; resumed from "
+                               f"{s.get('resumed_from_step')})" if s.get("resumed_from_step") is not None
+                      else f"{s.get('steps')} / {s.get('steps_total')} ({state})")
+        table.add_row("devices", f"{s.get('world_size')} x {s.get('device')} ({s.get('precision')})")
+        if s.get("first_loss") is not None:
+            table.add_row("loss", f"{s['first_loss']:.4f} -> {s['last_loss']:.4f}")
+        if s.get("best_val_rsum") is not None:
+            m = s.get("best_metrics") or {}
+            table.add_row("best val", f"R@sum {s['best_val_rsum']:.2f} at step {s['best_step']} "
+                                      f"(t2v R@1 {m.get('t2v_r1', 0):.2f}, v2t R@1 {m.get('v2t_r1', 0):.2f})")
+        table.add_row("speed", f"{s.get('samples_per_s', 0):.1f} samples/s, {s.get('wall_s', 0):.1f} s")
+        best = f", {s['checkpoint_best']}" if s.get("checkpoint_best") else ""
+        table.add_row("checkpoints", f"{s.get('checkpoint_last')}{best}")
+        table.add_row("logs", f"{s.get('log_jsonl')}" + (" + tensorboard" if s.get("tensorboard") else ""))
+    Console(stderr=True).print(table)
