@@ -132,11 +132,10 @@ class OthersCpu:
         self.first = self.last = self._sample()
 
     @staticmethod
-    def _sample() -> tuple[float, float, float, dict]:
+    def _sample() -> tuple[float, float, dict]:
         ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         busy_s = (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")   # all but idle, iowait
-        by_process = own_cpu_by_process()
-        return time.perf_counter(), busy_s, sum(by_process.values()), by_process
+        return time.perf_counter(), busy_s, own_cpu_by_process()
 
     def mark(self, first: bool = False) -> None:
         """Sample now: the window's start (first=True) or its end."""
@@ -145,29 +144,35 @@ class OthersCpu:
         else:
             self.last = self._sample()
 
+    def _used(self) -> dict[int, tuple[str, float]]:
+        """pid -> (name, CPU seconds used in the window); a process born in it counts whole."""
+        first = self.first[2]
+        return {pid: (name, seconds - first.get(pid, ("", 0.0))[1]) for pid, (name, seconds) in self.last[2].items()}
+
     def cpu_share_by_group(self) -> dict[str, float]:
         """Share of one core used by each group of our processes in the window."""
         window_s = self.last[0] - self.first[0]
         shares: dict[str, float] = {}
-        for key, seconds in self.last[3].items():
-            group = process_group(key[1])
-            shares[group] = shares.get(group, 0.0) + (seconds - self.first[3].get(key, 0.0)) / window_s
+        for name, used in self._used().values():
+            shares[process_group(name)] = shares.get(process_group(name), 0.0) + used / window_s
         return shares
-
-    def share(self) -> float | None:
-        (t0, busy0, own0, _), (t1, busy1, own1, _) = self.first, self.last
-        if t1 <= t0:
-            return None
-        return max(0.0, (busy1 - busy0) - (own1 - own0)) / ((t1 - t0) * (os.cpu_count() or 1))
 
     def own_cpu_s(self) -> float:
         """CPU seconds this process tree used in the window (engine, Ray, driver, writer)."""
-        return self.last[2] - self.first[2]
+        return sum(used for _, used in self._used().values())
+
+    def share(self) -> float | None:
+        (t0, busy0, _), (t1, busy1, _) = self.first, self.last
+        if t1 <= t0:
+            return None
+        return max(0.0, (busy1 - busy0) - self.own_cpu_s()) / ((t1 - t0) * (os.cpu_count() or 1))
 
 
-def own_cpu_by_process() -> dict[tuple[int, str], float]:
-    """CPU seconds of this process and each descendant, by (pid, name): the driver, Ray's
-    processes and actors (named ray::...), vLLM's engine processes."""
+def own_cpu_by_process() -> dict[int, tuple[str, float]]:
+    """pid -> (name, CPU seconds) of this process and each live descendant: the driver, Ray's
+    processes and actors (ray::..., a title Ray changes with the running task), vLLM's engine
+    processes. Only live processes: reaped children's time would land on their parent at a
+    random moment."""
     import psutil
     me = psutil.Process()
     out = {}
@@ -177,7 +182,7 @@ def own_cpu_by_process() -> dict[tuple[int, str], float]:
             cmd = process.cmdline()
             name = "driver" if process.pid == me.pid else (cmd[0] if cmd and cmd[0].startswith("ray::")
                                                            else process.name())
-            out[(process.pid, name)] = times.user + times.system + times.children_user + times.children_system
+            out[process.pid] = (name, times.user + times.system)
         except psutil.Error:
             pass
     return out
@@ -231,10 +236,21 @@ def run_plain(engine: str, model: Path | None, captions: list[str]) -> dict:
         arrivals.append((time.perf_counter() - t0, len(results)))
         others.mark(first=len(arrivals) == 1)   # the steady window: first to last batch
     translator.close()
+    wait_for_engine_exit()
     if errors:
         raise RuntimeError(f"plain loop: {errors} failed requests; the timing would mean nothing")
     return {"route": "plain", "engine": engine, "startup_s": startup_s, "load_1m": [load0, os.getloadavg()[0]],
-            "others_cpu_share": others.share(), "own_cpu_s": others.own_cpu_s(), "own_cpu_s": others.own_cpu_s(), **steady(arrivals)}
+            "others_cpu_share": others.share(), "own_cpu_s": others.own_cpu_s(), **steady(arrivals)}
+
+
+def wait_for_engine_exit(timeout_s: float = 60.0) -> None:
+    """vLLM's engine processes linger a moment after shutdown: let them go before the next run
+    starts, so that they neither compete with it nor blur its CPU accounting."""
+    import psutil
+    engines = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM")]
+    _, alive = psutil.wait_procs(engines, timeout=timeout_s)
+    if alive:
+        raise RuntimeError(f"vLLM engine processes still running after shutdown: {[p.pid for p in alive]}")
 
 
 @contextmanager
