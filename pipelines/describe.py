@@ -27,7 +27,7 @@ from pipelines import ids, store
 from pipelines.engines.base import DescribeRequest, EngineConfig, FatalEngineError, make_describer
 from pipelines.ingest import IngestConfig, IngestReport
 from pipelines.media import MediaConfig, MediaError, decode_pixels, encode_pixels, load_media
-from pipelines.progress import progress_bar
+from pipelines.progress import progress_bar, steady_rate
 from pipelines.ray_utils import init_ray, root_cause
 from pipelines.shards import KeyedWriter, written_keys
 
@@ -95,12 +95,8 @@ class DescribeReport:
 
     @property
     def rows_per_s(self) -> float:
-        """Steady throughput: rows after the first batch over the time after it (start-up
-        excluded); with a single batch, the whole run's rate."""
-        steady_rows = self.rows_written - self.first_batch_rows
-        if steady_rows > 0 and self.wall_s > self.startup_s:
-            return steady_rows / (self.wall_s - self.startup_s)
-        return self.rows_written / self.wall_s if self.wall_s else 0.0
+        """Steady throughput (see progress.steady_rate)."""
+        return steady_rate(self.rows_written, self.first_batch_rows, self.wall_s, self.startup_s)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)

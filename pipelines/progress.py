@@ -24,3 +24,12 @@ def progress_bar(label: str, total: int, enabled: bool = True) -> Iterator[Calla
             speed = progress.tasks[task].speed
             progress.update(task, advance=n, rate=f"{speed:.1f} rows/s" if speed else "")
         yield advance
+
+
+def steady_rate(rows: int, first_batch_rows: int, wall_s: float, startup_s: float) -> float:
+    """Rows after the first batch over the time after it (start-up excluded); with a single
+    batch, the whole run's rate. Every stage reports its throughput this way."""
+    steady_rows = rows - first_batch_rows
+    if steady_rows > 0 and wall_s > startup_s:
+        return steady_rows / (wall_s - startup_s)
+    return rows / wall_s if wall_s else 0.0

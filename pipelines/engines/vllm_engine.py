@@ -8,6 +8,31 @@ from pipelines.engines.base import (DescribeRequest, DescribeResult, EngineConfi
                                     Stopwatch, chat_content, frames_of, require, uses_native_video)
 
 
+def start_llm(vllm: Any, cfg: EngineConfig, **defaults: Any) -> tuple[Any, Any]:
+    """Build `vllm.LLM` and its SamplingParams from an EngineConfig (shared by describe and
+    translate). `defaults` are stage-specific LLM keywords; the user's engine_kwargs win."""
+    kwargs: dict[str, Any] = {**defaults, "seed": cfg.sampling.seed}
+    if cfg.max_model_len:
+        kwargs["max_model_len"] = cfg.max_model_len
+    kwargs.update(cfg.engine_kwargs)
+    try:
+        llm = vllm.LLM(model=cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                       tensor_parallel_size=cfg.tensor_parallel_size, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any start-up failure is fatal, with its reason
+        raise FatalEngineError(f"vLLM could not start {cfg.model!r}: {type(err).__name__}: {err}") from err
+    s = cfg.sampling
+    params = vllm.SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=s.seed,
+                                 repetition_penalty=s.repetition_penalty, ignore_eos=s.ignore_eos)
+    return llm, params
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Stop the engine's worker processes now rather than at interpreter exit."""
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if engine_core is not None:
+        engine_core.shutdown()
+
+
 class VllmDescriber:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -23,27 +48,11 @@ class VllmDescriber:
         self.processor = transformers.AutoProcessor.from_pretrained(
             cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         limits = {"image": 1, "video": 1} if self.native_video else {"image": cfg.max_video_frames}
-        kwargs: dict[str, Any] = {"limit_mm_per_prompt": limits, "seed": cfg.sampling.seed}
-        if cfg.max_model_len:
-            kwargs["max_model_len"] = cfg.max_model_len
-        kwargs.update(cfg.engine_kwargs)  # the user's passthrough wins
-        try:
-            self.llm = vllm.LLM(model=cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                tensor_parallel_size=cfg.tensor_parallel_size, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any start-up failure is fatal, with its reason
-            raise FatalEngineError(f"vLLM could not start {cfg.model!r}: {type(err).__name__}: {err}") from err
-        s = cfg.sampling
-        self.params = vllm.SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                          seed=s.seed, repetition_penalty=s.repetition_penalty,
-                                          ignore_eos=s.ignore_eos)
+        self.llm, self.params = start_llm(vllm, cfg, limit_mm_per_prompt=limits)
 
     def close(self) -> None:
-        """Stop the engine's worker processes now rather than at interpreter exit."""
-        if self.llm is not None:
-            engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-            if engine_core is not None:
-                engine_core.shutdown()
-            self.llm = None
+        shutdown_llm(self.llm)
+        self.llm = None
 
     def _engine_input(self, request: DescribeRequest) -> dict:
         frames = frames_of(request)

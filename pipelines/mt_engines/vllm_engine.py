@@ -7,6 +7,7 @@ from typing import Any
 
 from pipelines import languages
 from pipelines.engines.base import EngineConfig, FatalEngineError, Stopwatch, require
+from pipelines.engines.vllm_engine import start_llm, shutdown_llm
 from pipelines.mt_engines import chat
 from pipelines.mt_engines.base import MTSettings, TranslateRequest, TranslateResult, UnsupportedPairError
 
@@ -43,27 +44,11 @@ class VllmTranslator(ChatPairs):
         if not getattr(self.tokenizer, "chat_template", None):
             raise FatalEngineError(f"{cfg.model!r} has no chat template: use an instruct/chat model, or "
                                    f"--engine transformers for a seq2seq MT model (NLLB, M2M100, Marian)")
-        kwargs: dict[str, Any] = {"seed": cfg.sampling.seed}
-        if cfg.max_model_len:
-            kwargs["max_model_len"] = cfg.max_model_len
-        kwargs.update(cfg.engine_kwargs)  # the user's passthrough wins
-        try:
-            self.llm = vllm.LLM(model=cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                tensor_parallel_size=cfg.tensor_parallel_size, **kwargs)
-        except Exception as err:  # noqa: BLE001 - any start-up failure is fatal, with its reason
-            raise FatalEngineError(f"vLLM could not start {cfg.model!r}: {type(err).__name__}: {err}") from err
-        s = cfg.sampling
-        self.params = vllm.SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
-                                          seed=s.seed, repetition_penalty=s.repetition_penalty,
-                                          ignore_eos=s.ignore_eos)
+        self.llm, self.params = start_llm(vllm, cfg)
 
     def close(self) -> None:
-        """Stop the engine's worker processes now rather than at interpreter exit."""
-        if self.llm is not None:
-            engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-            if engine_core is not None:
-                engine_core.shutdown()
-            self.llm = None
+        shutdown_llm(self.llm)
+        self.llm = None
 
     def _prompt(self, request: TranslateRequest) -> str:
         content = chat.render(self.settings.prompt, request.text, request.source_lang, request.target_lang)
