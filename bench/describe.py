@@ -44,9 +44,10 @@ from PIL import Image, ImageDraw  # noqa: E402
 from pipelines.media import MediaConfig, load_image, load_video, target_size  # noqa: E402
 
 PROMPT = "Describe this {media} in detail."
-MAX_TOKENS = 32
-MAX_MODEL_LEN = 1024        # both routes: the prompt is ~100 tokens, the output 32
-BATCH = 64                  # requests per engine call, in both routes
+MAX_TOKENS = 256            # variable-length cases: greedy, EOS or 256 tokens
+MAX_TOKENS_FIXED = 32       # the fixed-length case (ignore_eos)
+MAX_MODEL_LEN = 1024        # both routes: the prompt is ~100 tokens
+EOS_NORM = 0.6              # lm_head row norm of the EOS token (random init ~0.16): tuned for a wide spread
 STAGE_MEDIA = MediaConfig(max_pixels=224 * 224)
 COCO_SIZE = (640, 480)
 VIDEO_SIZE = (640, 360)
@@ -54,18 +55,35 @@ VIDEO_FPS = 30
 DOCS = ROOT / "docs" / "benchmarks.md"
 
 
+def _cases() -> dict:
+    from pipelines.describe import DEFAULT_VIEWS, View
+    one = (View("detailed", PROMPT),)
+    return {"variable-1view": {"views": one, "fixed": False, "label": "variable length, 1 view"},
+            "variable-5views": {"views": DEFAULT_VIEWS, "fixed": False,
+                                "label": f"variable length, {len(DEFAULT_VIEWS)} views (stage default)"},
+            "fixed32-1view": {"views": one, "fixed": True, "label": f"fixed {MAX_TOKENS_FIXED} tokens (ignore_eos), 1 view"}}
+
+
+CASES: dict = {}  # filled by main(); not at import (vLLM's spawned processes re-import this file)
+
+
 def parse_args() -> argparse.Namespace:
+    CASES.update(_cases())
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=512, help="number of JPEGs (>= 500 for the issue's numbers)")
-    parser.add_argument("--repeats", type=int, default=2, help="plain/stage pairs, alternated")
+    parser.add_argument("--repeats", type=int, default=1, help="baseline/stage pairs per case, alternated")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
+    parser.add_argument("--eos-norm", type=float, default=EOS_NORM)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out", help="bench data and results")
     parser.add_argument("--load-images", type=int, default=200, help="JPEGs timed in the load-rate part")
     parser.add_argument("--skip-engine", action="store_true", help="only the load-rate part")
+    parser.add_argument("--skip-load", action="store_true", help="only the engine part (keeps the old load table)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
-    args = parser.parse_args()
-    if args.images < 2 * BATCH or args.repeats < 1:
-        parser.error(f"need --images >= {2 * BATCH} (a steady window after the first batch) and --repeats >= 1")
-    return args
+    parser.add_argument("--label", default="", help="a note for this run (e.g. the commit measured)")
+    parser.add_argument("--child", choices=("baseline", "stage"), help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args()
 
 
 # --------------------------------------------------------------------------- bench data
@@ -132,154 +150,78 @@ def make_panorama(width: int, height: int, seed: int = 1) -> Image.Image:
     return image
 
 
-def build_model(out: Path) -> Path:
+def build_model(out: Path, eos_norm: float | None = None) -> Path:
+    """The tiny Qwen2-VL; with eos_norm, a copy whose lm_head row of the EOS token is scaled to
+    that norm, so that greedy decoding stops at input-dependent steps (variable output length)."""
     from pipelines.tiny_models import build_tiny_qwen2_vl
-    return build_tiny_qwen2_vl(out / "tiny-qwen2-vl")
+    base = build_tiny_qwen2_vl(out / "tiny-qwen2-vl")
+    if eos_norm is None:
+        return base
+    target = out / f"tiny-qwen2-vl-eos{eos_norm:g}"
+    if (target / "model.safetensors").exists():
+        return target
+    import torch
+    from safetensors.torch import load_file, save_file
+    tmp = out / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp)
+    eos = json.loads((base / "config.json").read_text())
+    eos = eos.get("text_config", eos).get("eos_token_id")
+    tensors = load_file(str(tmp / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith("lm_head.weight"))
+    row = tensors[key][eos].to(torch.float32)
+    tensors[key][eos] = (row / row.norm() * eos_norm).to(tensors[key].dtype)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
 
 
-# --------------------------------------------------------------------------- the plain script
+# --------------------------------------------------------------------------- the two routes (child processes)
 
-def run_plain(model: Path, images: list[Path]) -> dict:
-    """What a user would write without the pipeline: one in-process LLM, then batches of
-    BATCH images loaded with the stage's own loader and generated one batch at a time."""
+def percentiles(lengths: list[int]) -> dict:
+    arr = np.asarray(lengths)
+    return {f"p{q}": float(np.percentile(arr, q)) for q in (10, 50, 90)} | {
+        "max": int(arr.max()), "mean": float(arr.mean()), "total": int(arr.sum())}
+
+
+def run_baseline(model: Path, images: list[Path], prompts: list[str], fixed: bool) -> dict:
+    """vLLM's own best: one `LLM.generate` over every request (each image with each prompt, an
+    image's prompts next to each other, as the stage orders them), timed after engine start."""
     import transformers
     import vllm
 
     from pipelines.engines.base import chat_content
 
-    before = child_pids()
-    t0 = time.perf_counter()
     processor = transformers.AutoProcessor.from_pretrained(str(model))
-    llm = vllm.LLM(model=str(model), enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+    texts = [processor.apply_chat_template([{"role": "user", "content": chat_content(p, "image", 1, True)}],
+                                           add_generation_prompt=True, tokenize=False) for p in prompts]
+    pixels = [load_image(p, STAGE_MEDIA).pixels for p in images]  # loaded before the clock starts
+    requests = [{"prompt": t, "multi_modal_data": {"image": px}} for px in pixels for t in texts]
+    t0 = time.perf_counter()
+    llm = vllm.LLM(model=str(model), enforce_eager=True, max_model_len=MAX_MODEL_LEN, disable_log_stats=True,
                    limit_mm_per_prompt={"image": 1, "video": 1}, seed=0)
     startup_s = time.perf_counter() - t0
-    # the same request the stage sends: its chat template, its SamplingParams fields
-    content = chat_content(PROMPT.format(media="image"), "image", 1, native_video=True)
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}],
-                                           add_generation_prompt=True, tokenize=False)
-    params = vllm.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=MAX_TOKENS, seed=0,
-                                 repetition_penalty=1.0, ignore_eos=True)
-    arrivals, output_tokens, generate_s = [], 0, 0.0
-    for start in range(0, len(images), BATCH):
-        batch = [{"prompt": prompt, "multi_modal_data": {"image": load_image(p, STAGE_MEDIA).pixels}}
-                 for p in images[start:start + BATCH]]
-        generate_start = time.perf_counter()
-        outputs = llm.generate(batch, params, use_tqdm=False)
-        if arrivals:  # after the first batch: the steady window
-            generate_s += time.perf_counter() - generate_start
-        output_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-        arrivals.append((time.perf_counter() - t0, len(outputs)))
-        if len(arrivals) == 1:
-            window = CpuWindow()  # the steady window starts here, as in the stage
-    wall_s = time.perf_counter() - t0
+    params = vllm.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=MAX_TOKENS_FIXED if fixed else MAX_TOKENS,
+                                 seed=0, repetition_penalty=1.0, ignore_eos=fixed)
+    window = CpuWindow()
+    t1 = time.perf_counter()
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    generate_s = time.perf_counter() - t1
     cpu = window.stop()
-    shut_down(llm, child_pids() - before)
-    if output_tokens != len(images) * MAX_TOKENS:  # same check as the stage's output gets
-        raise RuntimeError(f"plain script: {output_tokens} output tokens, expected {len(images) * MAX_TOKENS}")
-    rows_after = len(images) - arrivals[0][1]
-    # generate calls alone, loading excluded: the stage loads while its engine starts
-    generate_rate = rows_after / generate_s if generate_s else float("nan")
-    return {"route": "plain", "startup_s": startup_s, "wall_s": wall_s, "rows": len(images),
-            "output_tokens": output_tokens, "generate_only_rows_per_s": generate_rate,
-            **steady(arrivals), **per_image(cpu, rows_after)}
+    lengths = [len(o.outputs[0].token_ids) for o in outputs]
+    return {"route": "baseline", "startup_s": startup_s, "generate_s": generate_s, "rows": len(outputs),
+            "rows_per_s": len(outputs) / generate_s, "lengths": percentiles(lengths), **cpu}
 
-
-def child_pids() -> set[int]:
-    """This process's descendants, less multiprocessing's resource tracker (it lives as long
-    as this process, whatever happens to the engine)."""
-    import psutil
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if "resource_tracker" not in " ".join(_cmdline(p))}
-
-
-def _cmdline(process) -> list[str]:
-    import psutil
-    try:
-        return process.cmdline()
-    except psutil.Error:
-        return []
-
-
-def shut_down(llm, engine_pids: set[int]) -> None:
-    """Stop the engine core processes now, so that the stage that runs next has both cores."""
-    import psutil
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    processes = []
-    for pid in engine_pids:
-        try:
-            processes.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=30)
-    if alive:
-        raise RuntimeError(f"vLLM engine processes still running after shutdown: {[p.pid for p in alive]}")
-
-
-def tree_cpu_s() -> float:
-    """CPU seconds (user + system) of this process and its live descendants: vLLM's engine
-    processes, the local Ray cluster, the video decoder helper."""
-    import psutil
-    total = 0.0
-    me = psutil.Process()
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
-
-
-class CpuWindow:
-    """CPU use over a window, ours and others'. The machine is shared: other users' load, not
-    our code, is the largest noise in these numbers, so each run reports the share of the
-    machine they took (system-wide busy CPU from /proc/stat less this process tree's CPU)."""
-
-    def __init__(self) -> None:
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy_s = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
-        return time.perf_counter(), busy_s, tree_cpu_s()
-
-    def stop(self) -> dict:
-        (t0, busy0, own0), (t1, busy1, own1) = self.start, self._sample()
-        own = own1 - own0
-        return {"own_cpu_s": own, "foreign_cpu_share": max(0.0, busy1 - busy0 - own) / ((t1 - t0) * os.cpu_count())}
-
-
-def per_image(cpu: dict, rows: int) -> dict:
-    """The steady window's CPU figures: others' share, and ours in CPU-ms per image (all our
-    processes; for the plain script this includes loading the images, for the stage not)."""
-    return {"foreign_cpu_share": cpu.get("foreign_cpu_share"),
-            "own_cpu_ms_per_image": 1000 * cpu["own_cpu_s"] / rows if rows and "own_cpu_s" in cpu else None}
-
-
-def steady(arrivals: list[tuple[float, int]]) -> dict:
-    """Time to the first batch, and rows/s over the batches after it (start-up excluded)."""
-    first_s, first_rows = arrivals[0]
-    last_s = arrivals[-1][0]
-    rows_after = sum(n for _, n in arrivals[1:])
-    return {"first_batch_s": first_s, "first_batch_rows": first_rows, "last_batch_s": last_s,
-            "arrivals": [[round(t, 3), n] for t, n in arrivals],
-            "steady_rows_per_s": rows_after / (last_s - first_s) if rows_after else float("nan")}
-
-
-# --------------------------------------------------------------------------- the stage
 
 @contextmanager
 def watch_stage(t0: float):
-    """Hook the stage's progress callback, which it calls once per batch that reaches the
-    driver: the arrival times show whether results stream in while the engine works, and
-    the foreign load is measured over the same first-to-last-batch window as the plain run's."""
+    """Hook the stage's progress callback (called once per batch that reaches the driver) to
+    measure others' CPU share over the same first-to-last-batch window as the report's rate."""
     from pipelines import describe
 
-    arrivals: list[tuple[float, int]] = []
     cpu: dict = {}
+    seen = [0]
     original = describe.progress_bar
 
     @contextmanager
@@ -287,63 +229,92 @@ def watch_stage(t0: float):
         def advance(n: int) -> None:
             if not n:
                 return
-            arrivals.append((time.perf_counter() - t0, n))
-            if len(arrivals) == 1:
+            seen[0] += n
+            if "window" not in cpu and "own_cpu_s" not in cpu:
                 cpu["window"] = CpuWindow()
-            elif sum(k for _, k in arrivals) == total:
+                cpu["first_s"] = time.perf_counter() - t0
+            elif seen[0] >= total and "window" in cpu:
                 cpu.update(cpu.pop("window").stop())
         yield advance
 
     describe.progress_bar = progress_bar
     try:
-        yield arrivals, cpu
+        yield cpu
     finally:
         describe.progress_bar = original
 
 
-def run_stage(model: Path, image_dir: Path, workdir: Path, n_images: int) -> dict:
-    import ray
+def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: bool, n_images: int) -> dict:
+    """`describe.run` with the same model, pixels, prompts and sampling: steady rows/s after the
+    first results (report.rows_per_s)."""
+    import pyarrow.parquet as pq
 
-    from pipelines import describe
+    from pipelines import describe, store
     from pipelines.engines.base import EngineConfig, SamplingConfig
     from pipelines.ingest import IngestConfig
 
     shutil.rmtree(workdir, ignore_errors=True)
     engine = EngineConfig(engine="vllm", model=str(model), max_model_len=MAX_MODEL_LEN,
-                          sampling=SamplingConfig(max_tokens=MAX_TOKENS, ignore_eos=True),
+                          sampling=SamplingConfig(max_tokens=MAX_TOKENS_FIXED if fixed else MAX_TOKENS,
+                                                  ignore_eos=fixed),
                           engine_kwargs={"enforce_eager": True})
-    cfg = describe.DescribeConfig(workdir=workdir, engine=engine, views=(describe.View("detailed", PROMPT),),
-                                  media=STAGE_MEDIA, ingest=IngestConfig(input=image_dir, workdir=workdir),
-                                  batch_size=BATCH, progress=False)
+    cfg = describe.DescribeConfig(workdir=workdir, engine=engine, views=views, media=STAGE_MEDIA,
+                                  ingest=IngestConfig(input=image_dir, workdir=workdir), progress=False)
     t0 = time.perf_counter()
-    with watch_stage(t0) as (arrivals, cpu):
+    with watch_stage(t0) as cpu:
         report = describe.run(cfg)
-    ray.shutdown()  # the next plain run gets the machine without Ray's processes
-    check_stage_output(workdir, n_images, report)
-    return {"route": "stage", "startup_s": report.startup_s, "wall_s": report.wall_s, "rows": report.rows_written,
-            "first_batch_rows_report": report.first_batch_rows, "rows_per_s_report": report.rows_per_s,
-            "output_tokens": report.output_tokens, **steady(arrivals),
-            **per_image(cpu, report.rows_written - arrivals[0][1])}
-
-
-def check_stage_output(workdir: Path, n_images: int, report) -> None:
-    """Every image got exactly one row, and no row is an error: else the timing means nothing."""
-    import pyarrow.parquet as pq
-
-    from pipelines import store
     table = pq.read_table(workdir / store.DESCRIPTIONS_DIR)
-    ids = table.column("item_id").to_pylist()
-    problems = []
-    if len(ids) != n_images or len(set(ids)) != n_images:
-        problems.append(f"{len(ids)} rows for {len(set(ids))} distinct items, expected {n_images}")
     errors = [e for e in table.column("error_kind").to_pylist() if e]
-    if errors or report.error_rows:
-        problems.append(f"{len(errors)} error rows: {sorted(set(errors))}")
-    tokens = set(table.column("output_tokens").to_pylist())
-    if tokens != {MAX_TOKENS}:
-        problems.append(f"output lengths {sorted(tokens)}, expected all {MAX_TOKENS}")
-    if problems:
-        raise RuntimeError("stage output check failed: " + "; ".join(problems))
+    expected = n_images * len(views)
+    if table.num_rows != expected or errors or report.error_rows:
+        raise RuntimeError(f"stage output: {table.num_rows} rows (expected {expected}), {len(errors)} errors")
+    lengths = table.column("output_tokens").to_pylist()
+    cpu.pop("window", None)
+    return {"route": "stage", "startup_s": report.startup_s, "wall_s": report.wall_s, "rows": report.rows_written,
+            "first_batch_rows": report.first_batch_rows, "rows_per_s": report.rows_per_s,
+            "batch_size": cfg.batch_size, "lengths": percentiles(lengths), **cpu}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """One route of one case, in this fresh process; the result goes to args.child_out as JSON."""
+    case = CASES[args.case]
+    out = args.out.resolve()
+    model = build_model(out, None if case["fixed"] else args.eos_norm)
+    image_dir = out / f"images-{args.images}"
+    if args.child == "baseline":
+        prompts = [v.prompt_for("image") for v in case["views"]]
+        result = run_baseline(model, sorted(image_dir.glob("*.jpg")), prompts, case["fixed"])
+    else:
+        result = run_stage(model, image_dir, out / "stage-workdir", case["views"], case["fixed"], args.images)
+    result.update(case=args.case)
+    args.child_out.write_text(json.dumps(result) + "\n")
+
+
+def run_child(args: argparse.Namespace, route: str, case: str) -> dict:
+    import subprocess
+    result_path = args.out.resolve() / f"child-{route}-{case}.json"
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", route, "--case", case, "--images",
+           str(args.images), "--out", str(args.out), "--eos-norm", str(args.eos_norm), "--child-out", str(result_path)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{route}/{case} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(result_path.read_text())
+    result["process_wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per case: the ratio of each stage run to the baseline run just before it, and the median."""
+    out = {}
+    for case in CASES:
+        base = [r for r in runs if r["case"] == case and r["route"] == "baseline"]
+        stage = [r for r in runs if r["case"] == case and r["route"] == "stage"]
+        ratios = [s["rows_per_s"] / b["rows_per_s"] for b, s in zip(base, stage)]
+        if ratios:
+            out[case] = {"ratios": ratios, "median": statistics.median(ratios)}
+    return out
 
 
 # --------------------------------------------------------------------------- load rates
@@ -394,25 +365,6 @@ def load_rates(images: list[Path], videos: dict[str, Path], rounds: int = 3) -> 
 
 # --------------------------------------------------------------------------- report
 
-def summarize(runs: list[dict]) -> dict:
-    """Ratios of each stage run to the plain run just before it, and their medians.
-
-    steady: the issue's measure, images/s after the first batch. engine_path: the stage's
-    steady rate over the plain script's generate() calls alone; the stage loads images while
-    its engine starts, so its steady window holds no loading while the plain one does, and
-    this ratio shows what the pipeline costs (Ray, the actor, moving pixels) without that help.
-    """
-    plain = [r for r in runs if r["route"] == "plain"]
-    stage = [r for r in runs if r["route"] == "stage"]
-    pairs = list(zip(plain, stage))
-    ratios = {
-        "steady": [s["steady_rows_per_s"] / p["steady_rows_per_s"] for p, s in pairs],
-        "steady_report": [s["rows_per_s_report"] / p["steady_rows_per_s"] for p, s in pairs],
-        "engine_path": [s["steady_rows_per_s"] / p["generate_only_rows_per_s"] for p, s in pairs],
-    }
-    return {"ratios": ratios, "medians": {k: statistics.median(v) for k, v in ratios.items()}}
-
-
 def cold_import_s() -> float:
     """What a fresh plain script pays before LLM(): importing vllm (the runs here share one
     process, so their start-up excludes it; the stage's actor pays it inside startup_s)."""
@@ -435,47 +387,41 @@ def machine() -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}; vllm {results['versions']['vllm']}, "
-             f"ray {results['versions']['ray']}. {results['images']} JPEGs 640x480 (q90) scaled to <= 224*224, "
-             f"tiny Qwen2-VL (random weights), greedy, {MAX_TOKENS} output tokens each (ignore_eos), "
-             f"{BATCH} requests per engine call in both routes. Command: `{results['command']}`.", ""]
+    lines = []
     if results.get("runs"):
         lines += engine_table(results)
-    lines += load_table(results["load_rates"])
+    if results.get("load_rates"):
+        lines += load_table(results["load_rates"])
     return "\n".join(lines) + "\n"
 
 
 def engine_table(results: dict) -> list[str]:
-    medians, ratios = results["summary"]["medians"], results["summary"]["ratios"]
-    lines = ["| run | route | others' CPU share | our CPU ms/image | start-up to first batch (s) "
-             "| steady images/s | plain generate() only, images/s | stage/plain steady "
-             "| stage/plain generate() only |",
+    summary = results["summary"]
+    lines = [f"Machine: {results['machine']}; vllm {results['versions']['vllm']}, ray {results['versions']['ray']}; "
+             f"code measured: {results.get('label') or '-'}. {results['images']} JPEGs 640x480 (q90) scaled to "
+             f"<= 224*224 with `load_image`, tiny Qwen2-VL (random weights; variable cases: lm_head row of EOS "
+             f"scaled to norm {results['eos_norm']:g}), greedy, max_tokens {MAX_TOKENS}, `enforce_eager` in both "
+             f"routes, each run in a fresh process. Baseline: one `LLM.generate` over all requests, timed after "
+             f"engine start; stage: `describe.run()` steady rows/s after the first results (`report.rows_per_s`). "
+             f"Command: `{results['command']}`.", "",
+             "| case | run | route | requests | output tokens p10 / p50 / p90 / max (mean) | others' CPU share "
+             "| engine start (s) | rows/s | stage/baseline |",
              "|---|---|---|---|---|---|---|---|---|"]
-    pair = 0
+    pair: dict = {}
     for i, run in enumerate(results["runs"], 1):
-        foreign, own = run.get("foreign_cpu_share"), run.get("own_cpu_ms_per_image")
-        cells = [str(i), run["route"], "-" if foreign is None else f"{foreign:.0%}",
-                 "-" if own is None else f"{own:.0f}", f"{run['first_batch_s']:.1f}",
-                 f"{run['steady_rows_per_s']:.1f}"]
-        if run["route"] == "plain":
-            cells += [f"{run['generate_only_rows_per_s']:.1f}", "", ""]
-        else:
-            cells += ["", f"{ratios['steady'][pair]:.2f}", f"{ratios['engine_path'][pair]:.2f}"]
-            pair += 1
-        lines.append("| " + " | ".join(cells) + " |")
-    plain = [r for r in results["runs"] if r["route"] == "plain"]
-    stage = [r for r in results["runs"] if r["route"] == "stage"]
-    engine_start = statistics.median(r["startup_s"] for r in plain)
-    lines += ["",
-              f"**Median stage/plain steady throughput: {medians['steady']:.2f}** (target >= 0.95); "
-              f"against the plain script's generate() calls alone: {medians['engine_path']:.2f}; "
-              f"with the stage's own `rows_per_s` (wall time to the end of the run): {medians['steady_report']:.2f}.",
-              "",
-              f"Start-up (median): plain script {statistics.median(r['first_batch_s'] for r in plain):.1f} s to its "
-              f"first batch, of which `LLM()` {engine_start:.1f} s, plus {results['cold_import_s']:.1f} s to import "
-              f"vllm in a fresh process; stage {statistics.median(r['first_batch_s'] for r in stage):.1f} s from "
-              f"`describe.run()` to the first batch at the driver (ingest, Ray, the engine actor with its imports "
-              f"and `LLM()`, the first call).", ""]
+        case = CASES[run["case"]]["label"]
+        ln = run["lengths"]
+        foreign = run.get("foreign_cpu_share")
+        ratio = ""
+        if run["route"] == "stage":
+            k = pair.get(run["case"], 0)
+            ratio = f"**{summary[run['case']]['ratios'][k]:.2f}**"
+            pair[run["case"]] = k + 1
+        lines.append(f"| {case} | {i} | {run['route']} | {run['rows']} | {ln['p10']:g} / {ln['p50']:g} / {ln['p90']:g} / "
+                     f"{ln['max']} ({ln['mean']:.1f}) | {'-' if foreign is None else f'{foreign:.0%}'} | "
+                     f"{run['startup_s']:.1f} | {run['rows_per_s']:.1f} | {ratio} |")
+    lines += ["", "Median stage/baseline per case (target >= 0.95): " + "; ".join(
+        f"{CASES[c]['label']}: **{v['median']:.2f}**" for c, v in summary.items()) + ".", ""]
     return lines
 
 
@@ -513,11 +459,20 @@ How to run (from the repository root):
 """
 
 
-def update_docs(section: str) -> None:
+def update_docs(section: str, engine: bool = True, load: bool = True) -> None:
     """Rewrite the generated part of the '## describe' section of docs/benchmarks.md (between
-    its markers); every other line of the file, notes under the section included, is kept."""
+    its markers); with only one part measured, the other part's old text is kept."""
     text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else DOCS_HEADER
     begin, end = "<!-- bench/describe.py: begin -->", "<!-- bench/describe.py: end -->"
+    load_mark = "CPU load + preprocess, one process"
+    if begin in text and end in text:
+        old = text[text.index(begin):text.index(end)]
+        old_load = old[old.index(load_mark):] if load_mark in old else ""
+        old_engine = old[old.index("\n\n") + 2:old.index(load_mark)] if load_mark in old else ""
+        if not load:
+            section = section + "\n" + old_load
+        elif not engine:
+            section = old_engine + section
     block = f"{begin}\n_Written by `bench/describe.py`; notes below are by hand._\n\n{section}{end}"
     if begin in text and end in text:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
@@ -528,34 +483,39 @@ def update_docs(section: str) -> None:
 
 
 def main() -> None:
+    args = parse_args()
+    if args.child:
+        child_main(args)
+        return
     import ray
     import vllm
 
-    args = parse_args()
     out = args.out.resolve()
     image_dir = out / f"images-{args.images}"  # the stage ingests the whole folder: exactly N images
     images = make_images(image_dir, args.images)
-    videos = make_videos(out / "videos")
     results: dict = {"machine": machine(), "versions": {"vllm": vllm.__version__, "ray": ray.__version__},
-                     "command": " ".join(["bench/describe.py", *sys.argv[1:]]), "images": args.images, "runs": []}
+                     "command": " ".join(["bench/describe.py", *sys.argv[1:]]), "images": args.images,
+                     "eos_norm": args.eos_norm, "label": args.label, "runs": []}
     if not args.skip_engine:
-        model = build_model(out)
-        results["cold_import_s"] = cold_import_s()
-        for repeat in range(args.repeats):
-            for route in ("plain", "stage"):  # alternated, so drift on the machine hits both
-                run = (run_plain(model, images) if route == "plain"
-                       else run_stage(model, image_dir, out / "stage-workdir", args.images))
-                print(f"[{repeat + 1}/{args.repeats}] {route}: first batch {run['first_batch_s']:.1f} s, "
-                      f"steady {run['steady_rows_per_s']:.1f} images/s, others' CPU share "
-                      f"{run['foreign_cpu_share'] or 0:.0%}", flush=True)
-                results["runs"].append(run)
+        build_model(out), build_model(out, args.eos_norm)
+        for case in args.cases.split(","):
+            for repeat in range(args.repeats):
+                for route in ("baseline", "stage"):  # alternated, so drift on the machine hits both
+                    run = run_child(args, route, case)
+                    ln = run["lengths"]
+                    print(f"[{case} {repeat + 1}/{args.repeats}] {route}: {run['rows']} rows, {run['rows_per_s']:.1f} "
+                          f"rows/s, lengths p10/p50/p90/max {ln['p10']}/{ln['p50']}/{ln['p90']}/{ln['max']}, "
+                          f"others' CPU {run.get('foreign_cpu_share') or 0:.0%}", flush=True)
+                    results["runs"].append(run)
+                    (out / "describe-results.json").write_text(json.dumps(results, indent=2) + "\n")
         results["summary"] = summarize(results["runs"])
-    results["load_rates"] = load_rates(images[:args.load_images], videos)
+    if not args.skip_load:
+        results["load_rates"] = load_rates(images[:args.load_images], make_videos(out / "videos"))
     (out / "describe-results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     print(table)
     if not args.no_docs:
-        update_docs(table)
+        update_docs(table, engine=bool(results["runs"]), load=bool(results.get("load_rates")))
 
 
 if __name__ == "__main__":  # vLLM starts its engine process with spawn: it re-imports this file
