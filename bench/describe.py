@@ -179,6 +179,41 @@ def build_model(out: Path, eos_norm: float | None = None) -> Path:
 
 # --------------------------------------------------------------------------- the two routes (child processes)
 
+def tree_cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its live descendants: vLLM's engine
+    processes, the local Ray cluster, the video decoder helper."""
+    import psutil
+    total = 0.0
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+class CpuWindow:
+    """CPU use over a window, ours and others'. The machine is shared: other users' load, not
+    our code, is the largest noise in these numbers, so each run reports the share of the
+    machine they took (system-wide busy CPU from /proc/stat less this process tree's CPU)."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy_s = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+        return time.perf_counter(), busy_s, tree_cpu_s()
+
+    def stop(self) -> dict:
+        (t0, busy0, own0), (t1, busy1, own1) = self.start, self._sample()
+        own = own1 - own0
+        return {"own_cpu_s": own, "foreign_cpu_share": max(0.0, busy1 - busy0 - own) / ((t1 - t0) * os.cpu_count())}
+
+
 def percentiles(lengths: list[int]) -> dict:
     arr = np.asarray(lengths)
     return {f"p{q}": float(np.percentile(arr, q)) for q in (10, 50, 90)} | {
