@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -35,7 +35,11 @@ class MediaLoadError(RuntimeError):
 @dataclass(frozen=True)
 class DataConfig:
     """Preprocessing that training and evaluation must share (saved in every checkpoint)."""
-    views: tuple[str, ...] = ("detailed",)   # description views, in slot-input order
+    views: tuple[str, ...] = ("detailed",)   # description views, in slot-input order; () = no description input
+    # Several views in training: "all" feeds every view at every step (BERT runs B * V
+    # sequences); "random" feeds one view per item per step, drawn from the item's non-missing
+    # views (ours; the cost of one view). Evaluation always feeds all views.
+    view_sampling: str = "all"
     caption_max_words: int = 30
     caption_max_tokens: int = 64             # after the word cap (CJK captions have no spaces)
     desc_max_tokens: int = 200               # [CLS] + tokens + [SEP], train and test alike
@@ -44,6 +48,11 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
     video_frames: int = 8                    # uniform frames per video (clip_frames input)
+    video_features: str | None = None        # folder of per-video feature arrays (features input)
+
+    def __post_init__(self):
+        if self.view_sampling not in ("all", "random"):
+            raise ValueError(f"view_sampling={self.view_sampling!r}; expected 'all' or 'random'")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +60,8 @@ class DataConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "DataConfig":
         d = dict(d)
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
         for key in ("views", "crop_scale", "crop_ratio"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -66,6 +77,7 @@ class ItemRecord:
     root: str                             # manifest root (absolute)
     relpath: str                          # confined to root when loaded
     descriptions: tuple[str | None, ...]  # one per DataConfig.views; None = no such description
+    features: str | None = None           # video features input: the item's [T, d] .npy file (absolute)
 
 
 @dataclass(frozen=True)
@@ -261,9 +273,24 @@ class ClipTransform:
         return torch.stack(out)                                   # [T, 3, S, S]
 
 
+def load_video_features(path: str) -> torch.Tensor:
+    """A per-video feature array [T, d] (.npy, no pickles) -> float32 tensor."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        if arr.ndim != 2 or arr.shape[0] < 1 or not np.issubdtype(arr.dtype, np.floating):
+            raise MediaLoadError(f"{path}: expected a float array [frames, d], got {arr.dtype} {arr.shape}")
+        return torch.from_numpy(np.array(arr, dtype=np.float32))
+    except MediaLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise MediaLoadError(f"{path}: {type(err).__name__}: {err}") from None
+
+
 def load_visual(item: ItemRecord, cfg: DataConfig, transform: ClipTransform,
                 rng: random.Random | None = None) -> torch.Tensor:
-    """Image -> [3, S, S]; video -> [T, 3, S, S]."""
+    """Image -> [3, S, S]; video -> [T, 3, S, S]; video features -> [T, d]."""
+    if item.features is not None:
+        return load_video_features(item.features)
     path = resolve_media(item.root, item.relpath)
     if item.media_type == "video":
         return transform(load_video_frames(path, cfg.video_frames), rng)
@@ -271,7 +298,8 @@ def load_visual(item: ItemRecord, cfg: DataConfig, transform: ClipTransform,
 
 
 def collate_visual(visuals: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images stack to [B, 3, S, S]; videos pad to [B, T, 3, S, S] with a frame mask [B, T]."""
+    """Images stack to [B, 3, S, S]; videos pad to [B, T, 3, S, S] (features: [B, T, d]) with a
+    frame mask [B, T]."""
     if visuals[0].dim() == 3:
         return torch.stack(visuals), None
     T = max(v.shape[0] for v in visuals)
@@ -375,6 +403,25 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{index}")
 
 
+def _descriptions_row(row: dict, item_index: int, item: ItemRecord, views: Sequence[int], tokenizer,
+                      cfg: DataConfig, desc_cache: DescFeatureCache | None) -> None:
+    """Put the chosen views' description tokens (or cached features) into a dataset row."""
+    if not cfg.views:
+        return                                    # no description input (ablated)
+    if desc_cache is not None:
+        feats = desc_cache.item(item_index)
+        row["desc_feats"] = [feats[v] for v in views]
+    else:
+        row["desc"] = encode_descriptions(tokenizer, [item.descriptions[v] for v in views], cfg)
+
+
+def _collate_descriptions(batch: dict, rows: list[dict]) -> None:
+    if "desc_feats" in rows[0]:
+        batch["desc_feats"], batch["desc_mask"] = pad_feature_views([r["desc_feats"] for r in rows])
+    elif "desc" in rows[0]:
+        batch["desc_ids"], batch["desc_mask"] = pad_views([r["desc"] for r in rows])
+
+
 class TrainDataset(torch.utils.data.Dataset):
     """Indexed by (epoch, pair index): one (item, English caption, translation) row."""
 
@@ -387,6 +434,15 @@ class TrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def views_for(self, epoch: int, index: int, item: ItemRecord) -> list[int]:
+        """The view indices fed for this sample: all, or one drawn from the non-missing ones."""
+        every = list(range(len(self.cfg.views)))
+        if self.cfg.view_sampling == "all" or len(every) <= 1:
+            return every
+        present = [v for v in every if item.descriptions[v] is not None] or [0]
+        # its own stream: the augmentation draws stay those of view_sampling="all"
+        return [random.Random(f"{self.seed}:{epoch}:{index}:view").choice(present)]
+
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         pair = self.pairs[index]
@@ -395,10 +451,8 @@ class TrainDataset(torch.utils.data.Dataset):
         row = {"visual": load_visual(item, self.cfg, self.transform, rng), "item": pair.item,
                "src": encode_caption(self.tokenizer, pair.src, self.cfg),
                "tgt": encode_caption(self.tokenizer, pair.tgt, self.cfg)}
-        if self.desc_cache is not None:
-            row["desc_feats"] = self.desc_cache.item(pair.item)
-        else:
-            row["desc"] = encode_descriptions(self.tokenizer, item.descriptions, self.cfg)
+        _descriptions_row(row, pair.item, item, self.views_for(epoch, index, item), self.tokenizer, self.cfg,
+                          self.desc_cache)
         return row
 
 
@@ -408,10 +462,7 @@ def collate_train(rows: list[dict]) -> dict:
     tgt_ids, tgt_mask = pad([r["tgt"] for r in rows])
     batch = {"visual": visual, "visual_mask": vmask, "src_ids": src_ids, "src_mask": src_mask,
              "tgt_ids": tgt_ids, "tgt_mask": tgt_mask, "ids": torch.tensor([r["item"] for r in rows])}
-    if "desc_feats" in rows[0]:
-        batch["desc_feats"], batch["desc_mask"] = pad_feature_views([r["desc_feats"] for r in rows])
-    else:
-        batch["desc_ids"], batch["desc_mask"] = pad_views([r["desc"] for r in rows])
+    _collate_descriptions(batch, rows)
     return batch
 
 
@@ -429,20 +480,14 @@ class ItemDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         item = self.items[i]
         row = {"visual": load_visual(item, self.cfg, self.transform)}
-        if self.desc_cache is not None:
-            row["desc_feats"] = self.desc_cache.item(i)
-        else:
-            row["desc"] = encode_descriptions(self.tokenizer, item.descriptions, self.cfg)
+        _descriptions_row(row, i, item, range(len(self.cfg.views)), self.tokenizer, self.cfg, self.desc_cache)
         return row
 
 
 def collate_items(rows: list[dict]) -> dict:
     visual, vmask = collate_visual([r["visual"] for r in rows])
     batch = {"visual": visual, "visual_mask": vmask}
-    if "desc_feats" in rows[0]:
-        batch["desc_feats"], batch["desc_mask"] = pad_feature_views([r["desc_feats"] for r in rows])
-    else:
-        batch["desc_ids"], batch["desc_mask"] = pad_views([r["desc"] for r in rows])
+    _collate_descriptions(batch, rows)
     return batch
 
 

@@ -16,7 +16,7 @@ from .metrics import fuse_scores, global_scores, local_scores, retrieval_metrics
 @dataclass
 class Embeddings:
     v_hat: torch.Tensor            # [I, e] items, L2-normalised
-    m_hat: torch.Tensor            # [I, K, e] local (slot) embeddings
+    m_hat: torch.Tensor | None     # [I, K, e] local (slot) embeddings; None: local branch ablated
     h: torch.Tensor                # [C, e] captions
     caption_item: torch.Tensor     # [C] index of each caption's item
 
@@ -51,10 +51,11 @@ def embed(model, evalset: EvalSet, tokenizer, data_cfg: DataConfig, device: torc
         for batch in items:
             b = _to_device(batch, device)
             with autocast():
-                out = model.encode_visual(b["visual"], b.get("desc_ids"), b["desc_mask"], b["visual_mask"],
+                out = model.encode_visual(b["visual"], b.get("desc_ids"), b.get("desc_mask"), b["visual_mask"],
                                           b.get("desc_feats"))
             v_parts.append(out.v_hat.float().cpu())
-            m_parts.append(out.m_hat.float().cpu())
+            if out.m_hat is not None:
+                m_parts.append(out.m_hat.float().cpu())
         h_parts = []
         caps = torch.utils.data.DataLoader(CaptionDataset(evalset.captions, tokenizer, data_cfg),
                                            collate_fn=collate_captions, **common)
@@ -65,13 +66,15 @@ def embed(model, evalset: EvalSet, tokenizer, data_cfg: DataConfig, device: torc
             h_parts.append(h.float().cpu())
     finally:
         model.train(was_training)
-    return Embeddings(v_hat=torch.cat(v_parts), m_hat=torch.cat(m_parts), h=torch.cat(h_parts),
+    return Embeddings(v_hat=torch.cat(v_parts), m_hat=torch.cat(m_parts) if m_parts else None, h=torch.cat(h_parts),
                       caption_item=torch.tensor([c.item for c in evalset.captions], dtype=torch.long))
 
 
 def score(emb: Embeddings, fusion_weight: float) -> torch.Tensor:
     """[C, I] = (1 - w) mm(S_g) + w mm(S_l) (w = 0: S_g alone; S_l is not computed)."""
     s_g = global_scores(emb.h, emb.v_hat)
+    if fusion_weight > 0 and emb.m_hat is None:
+        raise ValueError("fusion weight > 0 needs local embeddings, and this model's local branch is ablated")
     s_l = local_scores(emb.h, emb.m_hat) if fusion_weight > 0 else None
     return fuse_scores(s_g, s_l, fusion_weight)
 

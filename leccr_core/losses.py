@@ -51,33 +51,44 @@ def local_loss(slot_emb: torch.Tensor, h: torch.Tensor, tau) -> torch.Tensor:
 
 
 def slot_vision_summaries(slots: torch.Tensor, visual_tokens: torch.Tensor,
-                          token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-item means of L2-normalised slots and (valid) visual tokens -> ([n, d], [n, d]).
+                          token_mask: torch.Tensor | None = None,
+                          norm: str = "feature") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item means of normalised slots and (valid) visual tokens -> ([n, d], [n, d]).
 
-    The mean cosine over all (slot of i, token of j) pairs is bilinear, so it equals
-    mean_slot(i) . mean_token(j): O(n^2 d) instead of O(n^2 K N d), and across ranks only
-    these [n, d] summaries need gathering, not every token.
+    norm "feature": every slot / token vector is L2-normalised over its d features (the
+    method's cosines); "release": over the slot / token axis (dim=1 of [n, K, d] / [n, N, d],
+    F.normalize's default as the release calls it), per feature. Padded tokens are zeroed first
+    and left out of the mean in both. The mean similarity over all (slot of i, token of j)
+    pairs is bilinear, so it equals mean_slot(i) . mean_token(j): O(n^2 d) instead of
+    O(n^2 K N d), and across ranks only these [n, d] summaries need gathering.
     """
-    s = F.normalize(slots, dim=-1).mean(1)                    # [n, d]
-    z = F.normalize(visual_tokens, dim=-1)                    # [n, N, d]
+    if norm not in ("feature", "release"):
+        raise ValueError(f"norm={norm!r}; expected 'feature' or 'release'")
+    dim = -1 if norm == "feature" else 1
+    if token_mask is not None:
+        m = token_mask.to(visual_tokens.dtype).unsqueeze(-1)  # [n, N, 1]
+        visual_tokens = visual_tokens * m
+    s = F.normalize(slots, dim=dim).mean(1)                   # [n, d]
+    z = F.normalize(visual_tokens, dim=dim)                   # [n, N, d]
     if token_mask is None:
         return s, z.mean(1)
-    m = token_mask.to(z.dtype).unsqueeze(-1)                  # [n, N, 1]
     return s, (z * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def slot_vision_loss(slots: torch.Tensor, visual_tokens: torch.Tensor, ids: torch.Tensor | None,
-                     token_mask: torch.Tensor | None = None, slot_proj=None, token_proj=None) -> torch.Tensor:
+                     token_mask: torch.Tensor | None = None, slot_proj=None, token_proj=None,
+                     norm: str = "feature") -> torch.Tensor:
     """L_cv. slots: M before interaction [n, K, d]; visual_tokens: raw Z_v [n, N, d];
     token_mask: [n, N] (1 = valid frame) for video. slot_proj / token_proj: the model's two
     Linear(d -> d) layers, or None when they were applied already (LeccrOutput.cv_slots /
-    cv_tokens are). sim(i, j) = mean cosine over all (slot, token) pairs; cross-entropy from
-    slots to visuals only, no temperature, soft multi-positive targets."""
+    cv_tokens are). sim(i, j) = mean similarity over all (slot, token) pairs (a mean cosine
+    with norm "feature"); cross-entropy from slots to visuals only, no temperature, soft
+    multi-positive targets."""
     if slot_proj is not None:
         slots = slot_proj(slots)
     if token_proj is not None:
         visual_tokens = token_proj(visual_tokens)
-    s, z = slot_vision_summaries(slots, visual_tokens, token_mask)
+    s, z = slot_vision_summaries(slots, visual_tokens, token_mask, norm)
     return soft_cross_entropy(s @ z.t(), positives(ids, s.shape[0], s.device))
 
 
@@ -96,11 +107,12 @@ def minmax(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp_min(eps)
 
 
-def softened_matching_loss(h_s: torch.Tensor, h_t: torch.Tensor, v: torch.Tensor, slot_emb: torch.Tensor,
+def softened_matching_loss(h_s: torch.Tensor, h_t: torch.Tensor, v: torch.Tensor, slot_emb: torch.Tensor | None,
                            alpha: float = 0.8, temperature: float | None = None,
                            orientation: str = "consistent") -> torch.Tensor:
     """KL(P || pred), batch-mean. Rows are captions, columns items; the batch is square (row b
-    of h_s / h_t is a caption of item b). h_s, h_t: [n, e]; v: [n, e]; slot_emb: [n, K, e].
+    of h_s / h_t is a caption of item b). h_s, h_t: [n, e]; v: [n, e]; slot_emb: [n, K, e], or
+    None when the local branch is ablated (then P = softmax_row(mm(h_s v^T)), alpha = 1).
 
     P = softmax_row(alpha mm(h_s v^T) + (1 - alpha) mm(S_l)), detached, with S_l[c, i] =
     max_k h_s_c . m^_{i,k} ("consistent"), or its transpose added as is ("release": the
@@ -112,10 +124,14 @@ def softened_matching_loss(h_s: torch.Tensor, h_t: torch.Tensor, v: torch.Tensor
     t = 1.0 if temperature is None else temperature
     with torch.no_grad():
         s_g = h_s @ v.t()                                      # [caption, item]
-        s_l = local_similarity(h_s, slot_emb)                  # [caption, item]
-        if orientation == "release":
-            s_l = s_l.t()                                      # [item, caption], kept untransposed
-        target = F.softmax((alpha * minmax(s_g) + (1 - alpha) * minmax(s_l)) / t, dim=1)
+        if slot_emb is None:
+            mixed = minmax(s_g)
+        else:
+            s_l = local_similarity(h_s, slot_emb)              # [caption, item]
+            if orientation == "release":
+                s_l = s_l.t()                                  # [item, caption], kept untransposed
+            mixed = alpha * minmax(s_g) + (1 - alpha) * minmax(s_l)
+        target = F.softmax(mixed / t, dim=1)
     pred = F.log_softmax(h_t @ v.t() / t, dim=1)
     return F.kl_div(pred, target, reduction="batchmean")
 
@@ -125,29 +141,40 @@ def total_loss(out, ids: torch.Tensor, cfg) -> tuple[torch.Tensor, dict[str, tor
            + w_cap (L_loc(h_s) + L_loc(h_t)) + w_cv L_cv + w_reg L_reg.
 
     out: a LeccrOutput (needs v_hat, m_hat, h_s, h_t, slots, cv_slots, cv_tokens, visual_mask,
-    tau). ids: [n] int item ids. ITC, KL and L_cv use the batch gathered over all ranks;
-    L_loc and L_reg use this rank's batch. Returns the loss and detached parts for logging.
+    tau). ids: [n] int item ids. ITC, KL and L_cv use the batch gathered over all ranks (L_cv:
+    this rank's with cfg.cv_batch = "rank"); L_loc and L_reg use this rank's batch. A term that
+    cfg.ablate removes is neither computed nor in the parts (a weight of 0 still computes it,
+    so a DDP run keeps a gradient, zero, on every parameter). Returns the loss and detached
+    parts for logging.
     """
     g = lambda x: gather_with_grad(x, cfg.gather_grad)  # noqa: E731
     tau = out.tau
-    v, h_s, h_t, m_hat, all_ids = g(out.v_hat), g(out.h_s), g(out.h_t), g(out.m_hat), g(ids)
-
-    s_bar, z_bar = slot_vision_summaries(out.cv_slots, out.cv_tokens, out.visual_mask)
-    s_bar, z_bar = g(s_bar), g(z_bar)
+    v, h_s, h_t, all_ids = g(out.v_hat), g(out.h_s), g(out.h_t), g(ids)
+    m_hat = g(out.m_hat) if cfg.has_local else None
 
     parts = {
         "itc_vs": itc_loss(v, h_s, all_ids, tau),
         "itc_vt": itc_loss(v, h_t, all_ids, tau),
-        "kl": softened_matching_loss(h_s, h_t, v, m_hat, cfg.alpha, cfg.kl_temperature, cfg.kl_orientation),
         "itc_st": itc_loss(h_s, h_t, all_ids, tau),
-        "loc_s": local_loss(out.m_hat, out.h_s, tau),
-        "loc_t": local_loss(out.m_hat, out.h_t, tau),
-        "cv": soft_cross_entropy(s_bar @ z_bar.t(), positives(all_ids, s_bar.shape[0], s_bar.device)),
-        "reg": slot_diversity_loss(out.slots),
     }
-    loss = (parts["itc_vs"] + (1 - cfg.w_dstl) * parts["itc_vt"] + cfg.w_dstl * parts["kl"]
-            + parts["itc_st"] + cfg.w_cap * (parts["loc_s"] + parts["loc_t"])
-            + cfg.w_cv * parts["cv"] + cfg.w_reg * parts["reg"])
+    loss = parts["itc_vs"] + (1 - cfg.w_dstl) * parts["itc_vt"] + parts["itc_st"]
+    if cfg.has_kl:
+        parts["kl"] = softened_matching_loss(h_s, h_t, v, m_hat, cfg.alpha, cfg.kl_temperature, cfg.kl_orientation)
+        loss = loss + cfg.w_dstl * parts["kl"]
+    if cfg.has_local:
+        parts["loc_s"] = local_loss(out.m_hat, out.h_s, tau)
+        parts["loc_t"] = local_loss(out.m_hat, out.h_t, tau)
+        loss = loss + cfg.w_cap * (parts["loc_s"] + parts["loc_t"])
+    if cfg.has_cv:
+        s_bar, z_bar = slot_vision_summaries(out.cv_slots, out.cv_tokens, out.visual_mask, cfg.cv_norm)
+        cv_ids = ids
+        if cfg.cv_batch == "gathered":
+            s_bar, z_bar, cv_ids = g(s_bar), g(z_bar), all_ids
+        parts["cv"] = soft_cross_entropy(s_bar @ z_bar.t(), positives(cv_ids, s_bar.shape[0], s_bar.device))
+        loss = loss + cfg.w_cv * parts["cv"]
+    if cfg.has_reg:
+        parts["reg"] = slot_diversity_loss(out.slots)
+        loss = loss + cfg.w_reg * parts["reg"]
     logs = {k: p.detach() for k, p in parts.items()}
     logs["loss"] = loss.detach()
     logs["tau"] = torch.as_tensor(tau).detach()

@@ -46,13 +46,14 @@ class LeccrOutput:
     """Named embeddings of one forward (open_clip style); losses take what they need."""
     z_v: torch.Tensor                   # [B, N, d] visual tokens Z_v (video: after frame self-attn)
     visual_mask: torch.Tensor | None    # [B, N] bool, video only (valid frames)
-    slots: torch.Tensor                 # [B, K, d] M, before interaction
-    z_v_hat: torch.Tensor               # [B, N, d] Z^_v = CA(Z_v, M)
-    m_local: torch.Tensor               # [B, K, d] M^ = CA(M, Z_v)
-    m_hat: torch.Tensor                 # [B, K, e] local embeddings (not L2-normalised)
+    # None where cfg.ablate removed the part that makes them
+    slots: torch.Tensor | None          # [B, K, d] M, before interaction
+    z_v_hat: torch.Tensor               # [B, N, d] Z^_v = CA(Z_v, M) (Z_v without slots)
+    m_local: torch.Tensor | None        # [B, K, d] M^ = CA(M, Z_v)
+    m_hat: torch.Tensor | None          # [B, K, e] local embeddings (not L2-normalised)
     v_hat: torch.Tensor                 # [B, e] global visual embedding, L2-normalised
-    cv_slots: torch.Tensor              # [B, K, d] slot-vision projection of M (for L_cv)
-    cv_tokens: torch.Tensor             # [B, N, d] slot-vision projection of Z_v (for L_cv)
+    cv_slots: torch.Tensor | None       # [B, K, d] slot-vision projection of M (for L_cv)
+    cv_tokens: torch.Tensor | None      # [B, N, d] slot-vision projection of Z_v (for L_cv)
     tau: torch.Tensor                   # [] temperature
     h_s: torch.Tensor | None = None     # [B, e] English caption embedding, L2-normalised
     h_t: torch.Tensor | None = None     # [B, e] target-language caption embedding
@@ -118,18 +119,24 @@ class LeccrModel(nn.Module):
         layer = lambda: CrossAttentionLayer(d, cfg.n_heads, cfg.dropout)  # noqa: E731
         if video:
             self.frame_layers = nn.ModuleList([layer() for _ in range(cfg.n_frame_layers)])
-        self.desc_proj = nn.Linear(cfg.text_width, d)                 # D' = Linear(768 -> d)(D)
-        self.slot_queries = nn.Parameter(torch.zeros(K, d))           # Q
-        if cfg.slot_init == "random":
-            nn.init.trunc_normal_(self.slot_queries, std=cfg.slot_init_std)
-        self.slot_layers = nn.ModuleList([layer() for _ in range(cfg.n_slot_layers)])
-        self.enhance_layers = nn.ModuleList([layer() for _ in range(cfg.n_enhance_layers)])
-        self.local_layers = nn.ModuleList([layer() for _ in range(cfg.n_local_layers)])
-        self.local_proj = nn.Linear(d, e)                             # m^_k
+        # Ablated parts are not built at all (cfg.ablate), so under DDP no parameter is ever
+        # left without a gradient.
+        if cfg.uses_descriptions:
+            self.desc_proj = nn.Linear(cfg.text_width, d)             # D' = Linear(768 -> d)(D)
+            self.slot_layers = nn.ModuleList([layer() for _ in range(cfg.n_slot_layers)])
+        if cfg.has_slots:
+            self.slot_queries = nn.Parameter(torch.zeros(K, d))       # Q
+            if cfg.slot_init == "random":
+                nn.init.trunc_normal_(self.slot_queries, std=cfg.slot_init_std)
+            self.enhance_layers = nn.ModuleList([layer() for _ in range(cfg.n_enhance_layers)])
+        if cfg.has_local:
+            self.local_layers = nn.ModuleList([layer() for _ in range(cfg.n_local_layers)])
+            self.local_proj = nn.Linear(d, e)                         # m^_k
         self.visual_proj = nn.Linear(d, e)                            # v^
         self.text_proj = nn.Linear(cfg.text_width, e)                 # h
-        self.cv_slot_proj = nn.Linear(d, d)                           # L_cv, slot side
-        self.cv_token_proj = nn.Linear(d, d)                          # L_cv, visual side
+        if cfg.has_cv:
+            self.cv_slot_proj = nn.Linear(d, d)                       # L_cv, slot side
+            self.cv_token_proj = nn.Linear(d, d)                      # L_cv, visual side
         self.tau = nn.Parameter(torch.tensor(cfg.tau_init))
 
     # ---- loading -------------------------------------------------------------------------
@@ -227,19 +234,28 @@ class LeccrModel(nn.Module):
             z_v, vmask = self.encode_frames(visual, visual_mask)   # [B, T, d], [B, T]
         else:
             z_v, vmask = self.clip_tokens(visual), None           # [B, 145, d]
-        if desc_feats is None:
-            desc_feats = self.encode_descriptions(desc_ids, desc_mask)  # [B, (V,) L, w]
-        else:
-            desc_feats = desc_feats[..., :self.cfg.desc_max_tokens, :]
-        desc_mask = desc_mask[..., :desc_feats.shape[-2]]
-        slots = self.slots_from_descriptions(desc_feats, desc_mask)  # M [B, K, d]
+        cfg = self.cfg
+        B = z_v.shape[0]
+        slots = z_hat = m_loc = m_hat = None
+        if cfg.uses_descriptions:
+            if desc_feats is None:
+                desc_feats = self.encode_descriptions(desc_ids, desc_mask)  # [B, (V,) L, w]
+            else:
+                desc_feats = desc_feats[..., :cfg.desc_max_tokens, :]
+            desc_mask = desc_mask[..., :desc_feats.shape[-2]]
+            slots = self.slots_from_descriptions(desc_feats, desc_mask)   # M [B, K, d]
+        elif cfg.has_slots:                                         # ablated descriptions: M = Q
+            slots = self.slot_queries.unsqueeze(0).expand(B, -1, -1)
 
         z_hat = z_v
-        for blk in self.enhance_layers:                           # visual tokens query slots
-            z_hat = blk(z_hat, slots)
-        m_loc = slots
-        for blk in self.local_layers:                             # slots query *original* Z_v
-            m_loc = blk(m_loc, z_v, vmask)
+        if slots is not None:
+            for blk in self.enhance_layers:                       # visual tokens query slots
+                z_hat = blk(z_hat, slots)
+        if cfg.has_local:
+            m_loc = slots
+            for blk in self.local_layers:                         # slots query *original* Z_v
+                m_loc = blk(m_loc, z_v, vmask)
+            m_hat = self.local_proj(m_loc)
 
         if vmask is None:
             pooled = z_hat[:, 0]                                  # CLS of Z^_v
@@ -247,10 +263,10 @@ class LeccrModel(nn.Module):
             fm = vmask.to(z_hat.dtype).unsqueeze(-1)               # masked mean over frames
             pooled = (z_hat * fm).sum(1) / fm.sum(1).clamp_min(1.0)
         return LeccrOutput(
-            z_v=z_v, visual_mask=vmask, slots=slots, z_v_hat=z_hat, m_local=m_loc,
-            m_hat=self.local_proj(m_loc),
+            z_v=z_v, visual_mask=vmask, slots=slots, z_v_hat=z_hat, m_local=m_loc, m_hat=m_hat,
             v_hat=F.normalize(self.visual_proj(pooled), dim=-1),
-            cv_slots=self.cv_slot_proj(slots), cv_tokens=self.cv_token_proj(z_v),
+            cv_slots=self.cv_slot_proj(slots) if cfg.has_cv else None,
+            cv_tokens=self.cv_token_proj(z_v) if cfg.has_cv else None,
             tau=self.tau,
         )
 

@@ -45,7 +45,7 @@ from .model import LeccrModel, load_tokenizer
 # Parameter names (of LeccrModel) that get proj_lr_mult x lr: the two heads into the joint
 # embedding space and the temperature.
 FAST_LR_PARAMS = ("text_proj", "visual_proj", "tau")
-# Values of a step's log line that are averaged over ranks.
+# Values of a step's log line that are averaged over ranks (those the config's ablations leave).
 PART_NAMES = ("loss", "itc_vs", "itc_vt", "kl", "itc_st", "loc_s", "loc_t", "cv", "reg", "tau")
 
 
@@ -395,7 +395,7 @@ def _train(job, rank_, world, device, on_step, notice, tc, mc, dc) -> dict:
             for batch in loader:
                 b = _to_device(batch, device)
                 with autocast():
-                    out = model(b["visual"], b.get("desc_ids"), b["desc_mask"], b["src_ids"], b["src_mask"],
+                    out = model(b["visual"], b.get("desc_ids"), b.get("desc_mask"), b["src_ids"], b["src_mask"],
                                 b["tgt_ids"], b["tgt_mask"], b["visual_mask"], b.get("desc_feats"))
                     loss, parts = total_loss(out, b["ids"], mc)
                 scaler.scale(loss).backward()
@@ -412,12 +412,13 @@ def _train(job, rank_, world, device, on_step, notice, tc, mc, dc) -> dict:
                 batch_in_epoch += 1
                 samples += tc.batch_size
 
-                values = torch.stack([parts[k].float().reshape(()) for k in PART_NAMES]).detach()
+                names = [k for k in PART_NAMES if k in parts]     # the same on every rank
+                values = torch.stack([parts[k].float().reshape(()) for k in names]).detach()
                 if world > 1:
                     dist.all_reduce(values)
                     values /= world
                 now = time.time()
-                logs = {"step": step, "epoch": epoch, **{k: v for k, v in zip(PART_NAMES, values.tolist())},
+                logs = {"step": step, "epoch": epoch, **{k: v for k, v in zip(names, values.tolist())},
                         "grad_norm": float(grad_norm), "lr": lrs[0], "lr_fast": max(lrs),
                         "samples_per_s": tc.batch_size / max(now - t_step, 1e-9), "time": now}
                 t_step = now
@@ -427,7 +428,7 @@ def _train(job, rank_, world, device, on_step, notice, tc, mc, dc) -> dict:
                 if lead:
                     log.write(logs)
                     if tb:
-                        for k in (*PART_NAMES, "grad_norm", "lr"):
+                        for k in (*names, "grad_norm", "lr"):
                             tb.add_scalar(f"train/{k}", logs[k], step)
                     if on_step:
                         on_step(logs)
@@ -463,6 +464,7 @@ def _train(job, rank_, world, device, on_step, notice, tc, mc, dc) -> dict:
             "stopped_early": step < steps_total,
             "resumed_from_step": resumed_from, "world_size": world, "device": str(device), "precision": precision,
             "train_rows": len(job.pairs), "train_items": len(job.items), "global_batch": tc.batch_size,
+            "ablate": list(mc.ablate), "loss_terms": [k for k in PART_NAMES if k in last_logs and k not in ("loss", "tau")],
             "first_loss": first_loss, "last_loss": last_logs.get("loss"),
             "best_val_rsum": best["rsum"], "best_step": best["step"], "best_metrics": best["metrics"],
             "samples_per_s": samples / wall if wall > 0 else 0.0, "wall_s": wall,

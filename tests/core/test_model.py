@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leccr_core.config import BENCHMARK_PRESETS, LeccrConfig
+from leccr_core.config import BENCHMARK_PRESETS, LeccrConfig, resolve_preset
 from leccr_core.losses import total_loss
 from leccr_core.model import CrossAttentionLayer, LeccrModel
 
@@ -217,8 +217,28 @@ def test_config_defaults_and_presets():
     assert (de.w_reg, de.w_cap, de.w_dstl, de.w_cv) == (0.05, 0.01, 0.0, 0.01)
     vtt = LeccrConfig.from_preset("msrvtt-cn", w_cap=0.02)
     assert (vtt.media, vtt.n_slots, vtt.n_slot_layers, vtt.w_reg, vtt.w_dstl, vtt.w_cap) == ("video", 2, 2, 0.03, 0.3, 0.02)
-    assert set(BENCHMARK_PRESETS) == {"multi30k-de", "multi30k-fr", "multi30k-cs", "coco-ja", "coco-zh", "msrvtt-cn"}
+    assert set(BENCHMARK_PRESETS) == {"multi30k-de", "multi30k-fr", "multi30k-cs", "coco-ja", "coco-zh", "msrvtt-cn",
+                                      "vatex-zh"}
     assert LeccrConfig.from_dict(vtt.to_dict()) == vtt
+    # the release presets: the same weights, every release setting, and the train side
+    model, train = resolve_preset("release-multi30k-fr")
+    rel = LeccrConfig(**model)
+    assert (rel.w_dstl, rel.cv_norm, rel.slot_init, rel.kl_orientation, rel.gather_grad) == (
+        0.5, "release", "zeros", "release", "local")
+    assert train == {"epochs": 70, "proj_lr_mult": 1.0, "grad_clip": 0.0, "precision": "fp32"}
+    assert resolve_preset("multi30k-fr")[1] == {"epochs": 70} and resolve_preset("multi30k-de")[1] == {"epochs": 50}
+    video = LeccrConfig(**{**resolve_preset("release-vatex-zh")[0], "d": 4096})
+    assert (video.video_input, video.n_frame_layers, video.cv_batch, video.n_slots, video.fusion_weight) == (
+        "features", 1, "rank", 2, 0.1)
+    assert LeccrConfig.from_dict(rel.to_dict()) == rel
+    # ablations are validated, normalised and round-trip
+    ab = LeccrConfig(ablate=["local", "softened", "local"])
+    assert ab.ablate == ("local", "softened") and ab.w_dstl == 0.0 and ab.fusion_weight == 0.0
+    assert LeccrConfig.from_dict(ab.to_dict()) == ab
+    with pytest.raises(ValueError, match="unknown ablation"):
+        LeccrConfig(ablate=("everything",))
+    with pytest.raises(ValueError, match="ablate descriptions"):
+        LeccrConfig(n_slot_layers=0)
     with pytest.raises(ValueError):
         LeccrConfig(kl_orientation="transposed")
     with pytest.raises(ValueError):
