@@ -1,12 +1,13 @@
 """Benchmark of the describe stage against a plain `vllm.LLM.generate` script, and of media loading.
 
-    .venv/bin/python bench/describe.py [--images 512] [--repeats 2] [--out bench/out] [--skip-engine]
+    .venv/bin/python bench/describe.py [--images 512] [--repeats 1] [--cases ...] [--eos-norm 0.6] [--skip-engine|--skip-load]
 
-One run, one machine, the same N JPEGs, the same tiny Qwen2-VL and the same sampling (greedy,
-a fixed 32 output tokens): the plain script and the stage alternate (plain, stage, plain,
-stage, ...) so that drift on a shared machine hits both alike. Speed is reported as ratios of
-runs side by side; absolute numbers are only context. Start-up (engine construction, Ray,
-the first batch) is reported apart from the steady throughput measured after the first batch.
+Engine part (issue 7's spec): per case, a baseline (one `LLM.generate` over all N requests, in a
+fresh process, timed after engine start) and the stage (`describe.run()` in a fresh process,
+steady rows/s after the first results), alternated. Cases: variable output length (tiny
+Qwen2-VL whose EOS lm_head row is scaled, see --eos-norm) with 1 view and with the stage's 5
+default views, and fixed 32 tokens (ignore_eos). Same pixels (`load_image`), prompts (the
+stage's chat template), greedy, max_tokens 256, enforce_eager in both routes.
 
 The second part times the CPU side alone, in this single process: `load_image` on the same
 COCO-sized JPEGs (against a naive PIL decode + resize, to show what draft decoding saves) and
