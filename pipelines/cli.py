@@ -118,9 +118,12 @@ def describe(
     dry_run: bool = typer.Option(False, help="Plan and count only; no engine starts."),
     overwrite: bool = typer.Option(False, help="Delete existing descriptions first."),
     max_error_rate: float = typer.Option(0.25, help="Exit 1 when more than this share of rows are errors."),
+    executor: str = typer.Option("ray", help="ray, or local: one engine in this process without Ray (tiny runs)."),
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster (default: a local Ray)."),
     num_engines: Optional[int] = typer.Option(None, help="Engine actors (default: one per GPU / TP group, else 1)."),
-    batch_size: int = typer.Option(64, help="Requests per engine call."),
+    batch_size: int = typer.Option(32, help="Requests per engine call."),
+    calls_in_flight: int = typer.Option(8, help="Engine calls per actor at once (vllm, openai): with --batch-size, "
+                                                "the window of requests kept in flight."),
     rows_per_file: int = typer.Option(2048, help="Rows per output Parquet file (the unit of resume)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the end summary as JSON here."),
@@ -154,33 +157,47 @@ def describe(
                                    media_root=media_root) if input is not None else None)
         cfg = stage.DescribeConfig(workdir=workdir, engine=engine_cfg, views=chosen, media=media, ingest=ingest_cfg,
                                    limit=limit, dry_run=dry_run, overwrite=overwrite, max_error_rate=max_error_rate,
-                                   ray_address=ray_address, num_engines=num_engines, batch_size=batch_size,
+                                   ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
+                                   batch_size=batch_size, calls_in_flight=calls_in_flight,
                                    rows_per_file=rows_per_file, progress=progress)
     except (TypeError, ValueError) as err:
         _fail(EXIT_BAD_INPUT, f"bad option: {err}")
     _run_describe(cfg, report_json)
 
 
+def _executor(name: str) -> str:
+    if name not in ("ray", "local"):
+        raise ValueError(f"--executor must be ray or local, got {name!r}")
+    return name
+
+
 def _run_describe(cfg, report_json: Optional[Path]) -> None:
-    """Run the stage, print the summary, and map failures to exit codes."""
     from pipelines import describe as stage
-    from pipelines.engines.base import FatalEngineError
-    from pipelines.store import StageInputError
     from pipelines.summary import print_describe_summary
+    _run_stage(stage.run, cfg, print_describe_summary, report_json)
+
+
+def _run_stage(run, cfg, print_summary, report_json: Optional[Path]) -> None:
+    """Run a generating stage, print its summary (also when too many rows failed), and map
+    failures to exit codes. The stage itself enforces max_error_rate (runner.ErrorRateExceeded)."""
+    from pipelines.engines.base import FatalEngineError
+    from pipelines.runner import ErrorRateExceeded
+    from pipelines.store import StageInputError
+    failed = None
     try:
-        report = stage.run(cfg)
+        report = run(cfg)
     except StageInputError as err:
         _fail(EXIT_BAD_INPUT, str(err))
+    except ErrorRateExceeded as err:
+        report, failed = err.report, err
     except FatalEngineError as err:
         _fail(EXIT_FATAL, f"fatal engine error: {err}")
-    print_describe_summary(report)
+    print_summary(report)
     if report_json:
         report_json.parent.mkdir(parents=True, exist_ok=True)
         report_json.write_text(json.dumps(report.as_dict(), indent=2, default=str))
-    rate = report.error_rows / report.rows_written if report.rows_written else 0.0
-    if rate > cfg.max_error_rate:
-        _fail(EXIT_FATAL, f"{report.error_rows} of {report.rows_written} rows are errors "
-                          f"({rate:.1%} > --max-error-rate {cfg.max_error_rate:.1%})")
+    if failed is not None:
+        _fail(EXIT_FATAL, str(failed))
 
 
 @app.command()
@@ -225,9 +242,12 @@ def translate(
     dry_run: bool = typer.Option(False, help="Plan and count only; no engine starts."),
     overwrite: bool = typer.Option(False, help="Delete this stage's earlier output for these languages first."),
     max_error_rate: float = typer.Option(0.25, help="Exit 1 when more than this share of rows are errors."),
+    executor: str = typer.Option("ray", help="ray, or local: one engine in this process without Ray (tiny runs)."),
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster (default: a local Ray)."),
     num_engines: Optional[int] = typer.Option(None, help="Engine actors (default: one per GPU, else 1)."),
     batch_size: int = typer.Option(64, help="Distinct strings per engine call."),
+    calls_in_flight: int = typer.Option(8, help="Engine calls per actor at once (vllm, openai): with --batch-size, "
+                                                "the window of requests kept in flight."),
     rows_per_file: int = typer.Option(4096, help="Rows per output Parquet file (the unit of resume)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the end summary as JSON here."),
@@ -265,7 +285,8 @@ def translate(
                                     splits=tuple(x.strip() for x in (splits or "").split(",") if x.strip()),
                                     score_against=refs, max_source_chars=max_source_chars, limit=limit,
                                     dry_run=dry_run, overwrite=overwrite, max_error_rate=max_error_rate,
-                                    ray_address=ray_address, num_engines=num_engines, batch_size=batch_size,
+                                    ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
+                                    batch_size=batch_size, calls_in_flight=calls_in_flight,
                                     rows_per_file=rows_per_file, progress=progress)
     except (OSError, TypeError, ValueError) as err:   # UnknownLanguageError is a ValueError
         _fail(EXIT_BAD_INPUT, str(err))
@@ -289,22 +310,7 @@ def _parse_score_against(values: list[str], targets: list[str]) -> dict[str, Pat
 
 def _run_translate(cfg, report_json: Optional[Path]) -> None:
     from pipelines import translate as stage
-    from pipelines.engines.base import FatalEngineError
-    from pipelines.store import StageInputError
-    try:
-        report = stage.run(cfg)
-    except StageInputError as err:
-        _fail(EXIT_BAD_INPUT, str(err))
-    except FatalEngineError as err:
-        _fail(EXIT_FATAL, f"fatal engine error: {err}")
-    stage.print_summary(report)
-    if report_json:
-        report_json.parent.mkdir(parents=True, exist_ok=True)
-        report_json.write_text(json.dumps(report.as_dict(), indent=2, default=str))
-    rate = report.error_rows / report.rows_written if report.rows_written else 0.0
-    if rate > cfg.max_error_rate:
-        _fail(EXIT_FATAL, f"{report.error_rows} of {report.rows_written} rows are errors "
-                          f"({rate:.1%} > --max-error-rate {cfg.max_error_rate:.1%})")
+    _run_stage(stage.run, cfg, stage.print_summary, report_json)
 
 
 def _quiet_hf_loading() -> None:

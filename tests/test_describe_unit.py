@@ -43,7 +43,7 @@ def test_describe_batch_one_row_per_item_and_view_errors_pass_through():
     loaded = [_loaded("i1", np.zeros((30, 40, 3), np.uint8)),
               _loaded("v1", np.zeros((4, 30, 40, 3), np.uint8), views="a", media_type="video"),
               _loaded("x", None, error="truncated")]
-    rows = describe.describe_batch(fake, views, loaded)
+    rows = describe.describe_batch(fake, loaded, views)
     assert [(r["item_id"], r["view"]) for r in rows] == [("i1", "a"), ("i1", "b"), ("v1", "a"), ("x", "a"), ("x", "b")]
     assert len(fake.calls) == 1 and len(fake.calls[0]) == 3  # the failed item never reaches the engine
     by = {(r["item_id"], r["view"]): r for r in rows}

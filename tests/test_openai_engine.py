@@ -49,13 +49,14 @@ def _describer(base_url: str, model: str, **kw) -> OpenAIDescriber:
 def _count_posts(describer: OpenAIDescriber) -> list[dict]:
     """Wrap the describer's HTTP client so every chat POST's payload is recorded."""
     posted: list[dict] = []
-    real_post = describer.client.post
+    client = describer.chat.client
+    real_post = client.post
 
-    def post(url, *args, **kwargs):
+    async def post(url, *args, **kwargs):
         posted.append(kwargs.get("json"))
-        return real_post(url, *args, **kwargs)
+        return await real_post(url, *args, **kwargs)
 
-    describer.client.post = post
+    client.post = post
     return posted
 
 
@@ -315,3 +316,61 @@ def test_setup_fails_fast_on_wrong_model_or_closed_port():
             _describer(fake.base_url.removesuffix("/v1") + "/wrong", fake.model)   # 404 on /models
     with pytest.raises(FatalEngineError, match="is not usable: ConnectError"):
         _describer(f"http://127.0.0.1:{free_port()}/v1", "m", timeout_s=2)
+
+
+# --------------------------------------------------------------------------- streaming (no batch barrier)
+
+def test_concurrent_batches_share_the_window_and_a_fast_batch_returns_first():
+    """Two batches handed in at once (as the stage's engine actors do): a slow request in the
+    first must not hold back the second batch, and both batches' requests are in flight
+    together (one window of `concurrency`, no per-batch barrier)."""
+    import threading
+    with ScriptedFakeEndpoint({"slow": [sleep_then(3.0)], "b1": [sleep_then(0.5)], "b2": [sleep_then(0.5)]}) as fake:
+        describer = _fake_describer(fake, concurrency=4)
+        finished: list[str] = []
+        try:
+            def run(name: str, prompts: list[str]) -> None:
+                describer.describe([_one(p) for p in prompts])
+                finished.append(name)
+            first = threading.Thread(target=run, args=("with-slow", ["slow", "a1"]))
+            first.start()
+            while fake.attempts() < 2:   # the first batch's requests are out
+                threading.Event().wait(0.01)
+            run("fast", ["b1", "b2"])
+            first.join()
+        finally:
+            describer.close()
+        assert finished == ["fast", "with-slow"]
+        assert fake.max_in_flight >= 3          # the slow request and the second batch at once
+
+
+def test_views_of_one_item_encode_its_media_once(monkeypatch):
+    calls = []
+    real = openai_engine._data_url
+    monkeypatch.setattr(openai_engine, "_data_url", lambda pixels: calls.append(1) or real(pixels))
+    pixels = _image(5, 32, 48)
+    with ScriptedFakeEndpoint() as fake:
+        _run(fake, [DescribeRequest(f"view {i}", "image", pixels) for i in range(5)]
+             + [DescribeRequest("another item", "image", _image(6, 32, 48))])
+        urls = {prompt_of(b): b["messages"][-1]["content"][0]["image_url"]["url"] for b in fake.requests}
+    assert len(calls) == 2                       # one encoding per item, not per view
+    assert len({urls[f"view {i}"] for i in range(5)}) == 1 and urls["another item"] != urls["view 0"]
+    # the image comes before the prompt text in every request (prefix sharing across views)
+    assert all(b["messages"][-1]["content"][0]["type"] == "image_url" for b in fake.requests)
+
+
+@pytest.mark.slow
+def test_stage_writes_fast_results_before_a_slow_request_finishes(sample_data, tmp_path):
+    """The describe stage on a local Ray against a scripted fake endpoint in which the first
+    request takes 5 s and every other answers at once: all other rows are written before it."""
+    workdir = tmp_path / "w"
+    with ScriptedFakeEndpoint([sleep_then(5.0)]) as fake:
+        done = run_cli("describe", "--input", sample_data, "--workdir", workdir, "--engine", "openai",
+                       "--model", fake.model, "--base-url", fake.base_url, "--views", "detailed",
+                       "--batch-size", "1", "--concurrency", "4", "--no-progress", timeout=300, env=LOOPBACK_RAY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = pq.read_table(workdir / "descriptions").to_pylist()
+    assert len(rows) == 15 and len({r["item_id"] for r in rows}) == 15 and not any(r["error_kind"] for r in rows)
+    [slow] = [r for r in rows if r["latency_s"] >= 5.0]
+    others = [r for r in rows if r is not slow]
+    assert max(r["created_at"] for r in others) < slow["created_at"]

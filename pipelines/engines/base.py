@@ -4,10 +4,18 @@ A describer is built once per worker (`setup()` loads the model or checks the en
 then answers batches: one result per request, in order, never raising for one bad request
 (that becomes a result with `error_kind`). It raises `FatalEngineError` only when the engine
 itself is unusable, which stops the run.
+
+Streaming engines (vLLM's AsyncLLM, the OpenAI-compatible client) run every request as its
+own task on one `EngineLoop` and set `concurrent_calls = True`: several batches, handed in
+from several threads at once, then share one engine, so the engine never drains to the
+slowest request of a batch (the next batches' requests are already waiting). Batch engines
+(transformers) keep `concurrent_calls = False` and get one call at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -136,6 +144,33 @@ def chat_content(prompt: str, media_type: str, n_frames: int, native_video: bool
 
 def frames_of(request: DescribeRequest) -> list[np.ndarray]:
     return list(request.pixels) if request.media_type == "video" else [request.pixels]
+
+
+class EngineLoop:
+    """An asyncio loop on its own thread, on which a streaming engine runs all its requests.
+    `run` may be called from many threads at once: their requests are in flight together."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def gather(self, coros: list) -> list:
+        """Run these coroutines together on the loop and wait for all their results."""
+        async def together() -> list:
+            return list(await asyncio.gather(*coros))   # gathered on the loop's own thread
+        return self.run(together())
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 class Stopwatch:

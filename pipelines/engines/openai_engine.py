@@ -1,23 +1,23 @@
-"""Any OpenAI-compatible chat endpoint (e.g. `vllm serve`): bounded concurrency, retries with
-exponential backoff on timeouts, connection errors, 429 and 5xx; other 4xx fail the request.
+"""Any OpenAI-compatible chat endpoint (e.g. `vllm serve`): `concurrency` requests in flight per
+worker across batches (asyncio, no per-batch barrier), retries with exponential backoff on
+timeouts, connection errors, 429 and 5xx; other 4xx fail the request.
 
 Media travel as base64 JPEG data URLs; a video as its sampled frames (several images), which
-every multimodal chat server accepts. `open_client` and `chat_completion` (endpoint check, one
-request with retries) are shared with the translate stage's openai engine.
+every multimodal chat server accepts. `open_client` (endpoint check) and `ChatClient` (the
+requests) are shared with the translate stage's openai engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import random
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from pipelines.engines.base import (DescribeRequest, DescribeResult, EngineConfig, FatalEngineError,
+from pipelines.engines.base import (DescribeRequest, DescribeResult, EngineConfig, EngineLoop, FatalEngineError,
                                     Stopwatch, frames_of)
 
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
@@ -39,48 +39,41 @@ def _data_url(pixels: np.ndarray) -> str:
 
 
 class OpenAIDescriber:
+    concurrent_calls = True
+
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
-        self.base_url = cfg.base_url.rstrip("/")
+        self.chat: ChatClient | None = None
 
     def setup(self) -> None:
-        if self.cfg.concurrency < 1:
-            raise FatalEngineError(f"concurrency must be >= 1, got {self.cfg.concurrency}")
-        self.client = open_client(self.cfg)
-        self.pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="openai-describer")
+        self.chat = ChatClient(self.cfg)
+        self.chat.start()
 
     def close(self) -> None:
-        """Release the worker threads and connections (optional: a finished process does it too)."""
-        if getattr(self, "pool", None) is not None:
-            self.pool.shutdown(wait=True)
-            self.pool = None
-        if getattr(self, "client", None) is not None:
-            self.client.close()
-            self.client = None
+        """Release the connections and the engine loop (optional: a finished process does it too)."""
+        if self.chat is not None:
+            self.chat.close()
+            self.chat = None
 
     def describe(self, requests: list[DescribeRequest]) -> list[DescribeResult]:
-        return list(self.pool.map(self._describe_one, requests))
+        assert self.chat is not None, "setup() first"
+        payloads: list[dict | DescribeResult] = []
+        urls: dict[int, list[str]] = {}   # the views of one item share its pixels: encode them once
+        for request in requests:
+            try:
+                key = id(request.pixels)
+                if key not in urls:
+                    urls[key] = [_data_url(frame) for frame in frames_of(request)]
+                payloads.append(self._payload(request, urls[key]))
+            except Exception as err:  # noqa: BLE001 - one unencodable request must not fail the batch
+                payloads.append(DescribeResult.failed(
+                    "invalid_request", f"cannot encode the media: {type(err).__name__}: {err}"))
+        return self.chat.complete_all(payloads)
 
-    def _payload(self, request: DescribeRequest) -> dict[str, Any]:
-        parts: list[dict] = [{"type": "image_url", "image_url": {"url": _data_url(frame)}}
-                             for frame in frames_of(request)]
+    def _payload(self, request: DescribeRequest, urls: list[str]) -> dict[str, Any]:
+        parts: list[dict] = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
         parts.append({"type": "text", "text": request.prompt})
-        s = self.cfg.sampling
-        payload = {"model": self.cfg.model, "messages": [{"role": "user", "content": parts}],
-                   "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, "seed": s.seed}
-        if s.ignore_eos or s.repetition_penalty != 1.0:
-            # vLLM extensions of the OpenAI schema; only sent when asked for
-            payload.update(ignore_eos=s.ignore_eos, repetition_penalty=s.repetition_penalty)
-        return payload
-
-    def _describe_one(self, request: DescribeRequest) -> DescribeResult:
-        watch = Stopwatch()
-        try:
-            payload = self._payload(request)
-        except Exception as err:  # noqa: BLE001 - one unencodable request must not fail the batch
-            return DescribeResult.failed("invalid_request", f"cannot encode the media: {type(err).__name__}: {err}",
-                                         watch.elapsed())
-        return chat_completion(self.client, self.cfg, payload)
+        return chat_payload(self.cfg, parts)
 
 
 # --------------------------------------------------------------------------- shared with translate
@@ -107,42 +100,93 @@ def open_client(cfg: EngineConfig) -> Any:
     return client
 
 
-def chat_completion(client: Any, cfg: EngineConfig, payload: dict[str, Any]) -> DescribeResult:
-    """POST one chat request, retrying timeouts, connection errors, 408/429/5xx with backoff;
-    the answer's text, finish reason and token counts, or an error result (never raises)."""
-    import httpx
-    url = f"{cfg.base_url.rstrip('/')}/chat/completions"
-    watch = Stopwatch()
-    attempts = max(0, cfg.max_retries) + 1
-    last: DescribeResult | None = None
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(backoff_s(attempt))
-        try:
-            response = client.post(url, json=payload)
-        except httpx.TimeoutException as err:
-            last = DescribeResult.failed("timeout", f"no answer within {cfg.timeout_s}s: {type(err).__name__}: {err}")
-            continue
-        except httpx.TransportError as err:
-            last = DescribeResult.failed("connection", f"{type(err).__name__}: {err}")
-            continue
-        except httpx.HTTPError as err:  # e.g. DecodingError: the answer came, but garbled
-            return DescribeResult.failed("bad_response", f"{type(err).__name__}: {err}", watch.elapsed())
-        if response.status_code in _RETRYABLE_STATUS:
-            last = DescribeResult.failed(f"http_{response.status_code}", response.text[:500])
-            continue
-        if response.status_code >= 400:
-            return DescribeResult.failed(f"http_{response.status_code}", response.text[:500], watch.elapsed())
-        try:
-            body = response.json()
-        except ValueError as err:  # not JSON (json.JSONDecodeError, UnicodeDecodeError)
-            return DescribeResult.failed("bad_response", f"status {response.status_code}, body is not JSON "
-                                                         f"({err}): {response.text[:300]!r}", watch.elapsed())
-        return _parse_completion(body, watch.elapsed())
-    assert last is not None
-    last.latency_s = watch.elapsed()
-    last.error = f"after {attempts} attempts: {last.error}"
-    return last
+def chat_payload(cfg: EngineConfig, content: Any) -> dict[str, Any]:
+    """One user turn with the configured sampling (shared by describe and translate)."""
+    s = cfg.sampling
+    payload = {"model": cfg.model, "messages": [{"role": "user", "content": content}],
+               "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, "seed": s.seed}
+    if s.ignore_eos or s.repetition_penalty != 1.0:
+        # vLLM extensions of the OpenAI schema; only sent when asked for
+        payload.update(ignore_eos=s.ignore_eos, repetition_penalty=s.repetition_penalty)
+    return payload
+
+
+class ChatClient:
+    """An async httpx client on an EngineLoop that keeps at most `concurrency` requests in
+    flight per worker, across every batch handed in (no per-batch barrier): a batch's fast
+    answers return while its slow ones are still out, and the next batches' requests take
+    the free slots at once. Used by the describe and translate engines."""
+
+    def __init__(self, cfg: EngineConfig):
+        if cfg.concurrency < 1:
+            raise FatalEngineError(f"concurrency must be >= 1, got {cfg.concurrency}")
+        self.cfg = cfg
+        self.url = f"{cfg.base_url.rstrip('/')}/chat/completions"
+        self.loop: EngineLoop | None = None
+
+    def start(self) -> None:
+        open_client(self.cfg).close()   # an endpoint that is down or lacks the model fails here
+        self.loop = EngineLoop()
+        self.loop.run(self._open())
+
+    async def _open(self) -> None:
+        import httpx
+        headers = {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else {}
+        limits = httpx.Limits(max_connections=self.cfg.concurrency)
+        self.client = httpx.AsyncClient(headers=headers, timeout=self.cfg.timeout_s, limits=limits)
+        self.slots = asyncio.Semaphore(self.cfg.concurrency)
+
+    def complete_all(self, payloads: list[dict | DescribeResult]) -> list[DescribeResult]:
+        """One result per payload, in order; a DescribeResult given in place of a payload (a
+        request that failed before it could be sent) is passed through."""
+        assert self.loop is not None, "start() first"
+        async def one(payload: dict | DescribeResult) -> DescribeResult:
+            return payload if isinstance(payload, DescribeResult) else await self.complete(payload)
+        return self.loop.gather([one(p) for p in payloads])
+
+    async def complete(self, payload: dict[str, Any]) -> DescribeResult:
+        """POST one chat request, retrying timeouts, connection errors, 408/429/5xx with backoff;
+        the answer's text, finish reason and token counts, or an error result (never raises)."""
+        import httpx
+        cfg = self.cfg
+        watch = Stopwatch()
+        attempts = max(0, cfg.max_retries) + 1
+        last: DescribeResult | None = None
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(backoff_s(attempt))   # a waiting retry holds no slot
+            try:
+                async with self.slots:
+                    response = await self.client.post(self.url, json=payload)
+            except httpx.TimeoutException as err:
+                last = DescribeResult.failed("timeout", f"no answer within {cfg.timeout_s}s: {type(err).__name__}: {err}")
+                continue
+            except httpx.TransportError as err:
+                last = DescribeResult.failed("connection", f"{type(err).__name__}: {err}")
+                continue
+            except httpx.HTTPError as err:  # e.g. DecodingError: the answer came, but garbled
+                return DescribeResult.failed("bad_response", f"{type(err).__name__}: {err}", watch.elapsed())
+            if response.status_code in _RETRYABLE_STATUS:
+                last = DescribeResult.failed(f"http_{response.status_code}", response.text[:500])
+                continue
+            if response.status_code >= 400:
+                return DescribeResult.failed(f"http_{response.status_code}", response.text[:500], watch.elapsed())
+            try:
+                body = response.json()
+            except ValueError as err:  # not JSON (json.JSONDecodeError, UnicodeDecodeError)
+                return DescribeResult.failed("bad_response", f"status {response.status_code}, body is not JSON "
+                                                             f"({err}): {response.text[:300]!r}", watch.elapsed())
+            return _parse_completion(body, watch.elapsed())
+        assert last is not None
+        last.latency_s = watch.elapsed()
+        last.error = f"after {attempts} attempts: {last.error}"
+        return last
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.run(self.client.aclose())
+            self.loop.close()
+            self.loop = None
 
 
 def _parse_completion(body: Any, latency_s: float) -> DescribeResult:

@@ -1,13 +1,14 @@
-"""Translation with a chat LLM in-process on vLLM (e.g. Qwen/Qwen2.5-7B-Instruct): one `vllm.LLM`
-per worker, prompts from the model's own chat template, answers cleaned of chatter."""
+"""Translation with a chat LLM in-process on vLLM (e.g. Qwen/Qwen2.5-7B-Instruct): one AsyncLLM
+per worker (describe's `StreamingLLM`: each request returns as it finishes, several batches in
+flight at once), prompts from the model's own chat template, answers cleaned of chatter."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pipelines import languages
-from pipelines.engines.base import EngineConfig, FatalEngineError, Stopwatch, require
-from pipelines.engines.vllm_engine import start_llm, shutdown_llm
+from pipelines.engines.base import EngineConfig, FatalEngineError, require
+from pipelines.engines.vllm_engine import StreamingLLM
 from pipelines.mt_engines import chat
 from pipelines.mt_engines.base import MTSettings, TranslateRequest, TranslateResult, UnsupportedPairError
 
@@ -28,12 +29,14 @@ class ChatPairs:
 
 
 class VllmTranslator(ChatPairs):
+    concurrent_calls = True
+
     def __init__(self, cfg: EngineConfig, settings: MTSettings):
         self.cfg, self.settings = cfg, settings
         self.llm: Any = None
 
     def setup(self) -> None:
-        vllm = require("vllm", "vllm")
+        require("vllm", "vllm")
         transformers = require("transformers", "transformers")
         cfg = self.cfg
         try:
@@ -44,11 +47,13 @@ class VllmTranslator(ChatPairs):
         if not getattr(self.tokenizer, "chat_template", None):
             raise FatalEngineError(f"{cfg.model!r} has no chat template: use an instruct/chat model, or "
                                    f"--engine transformers for a seq2seq MT model (NLLB, M2M100, Marian)")
-        self.llm, self.params = start_llm(vllm, cfg)
+        self.llm = StreamingLLM(cfg)
+        self.llm.start()
 
     def close(self) -> None:
-        shutdown_llm(self.llm)
-        self.llm = None
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
 
     def _prompt(self, request: TranslateRequest) -> str:
         content = chat.render(self.settings.prompt, request.text, request.source_lang, request.target_lang)
@@ -65,26 +70,9 @@ class VllmTranslator(ChatPairs):
                 positions.append(i)
             except Exception as err:  # noqa: BLE001 - a prompt the template rejects fails alone
                 results[i] = TranslateResult.failed("invalid_request", f"{type(err).__name__}: {err}")
-        for pos, result in zip(positions, self._generate(prompts) if prompts else []):
+        for pos, result in zip(positions, self.llm.generate_all(prompts) if prompts else []):
             request = requests[pos]
             if result.text is not None:
                 result.text = chat.clean_answer(result.text, request.text, request.target_lang)
             results[pos] = result
         return [r for r in results if r is not None]
-
-    def _generate(self, prompts: list[str]) -> list[TranslateResult]:
-        watch = Stopwatch()
-        try:
-            outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
-        except Exception as err:  # noqa: BLE001
-            if type(err).__name__ == "EngineDeadError" or isinstance(err, MemoryError):
-                raise FatalEngineError(f"the vLLM engine failed: {type(err).__name__}: {err}") from err
-            if len(prompts) == 1:
-                return [TranslateResult.failed("invalid_request", f"{type(err).__name__}: {err}", watch.elapsed())]
-            # vLLM rejects a whole batch for one invalid request (e.g. longer than max_model_len):
-            # retry one by one so only that one fails; the engine stays healthy.
-            return [result for single in prompts for result in self._generate([single])]
-        share = watch.elapsed() / len(prompts)  # amortised: the requests of a batch run together
-        return [TranslateResult(text=o.outputs[0].text, prompt_tokens=len(o.prompt_token_ids or []),
-                                output_tokens=len(o.outputs[0].token_ids), finish_reason=o.outputs[0].finish_reason,
-                                latency_s=share) for o in outputs]
