@@ -324,25 +324,38 @@ def train(
     workdir: Path = typer.Option(..., help="Working folder (manifest, captions, descriptions); checkpoints go to "
                                            "WORKDIR/checkpoints/<run>, logs to WORKDIR/logs/train-<run>."),
     lang: str = typer.Option(..., help="Target language: MT captions for training, human ones for validation."),
-    preset: Optional[str] = typer.Option(None, help="Loss weights of a benchmark: multi30k-de|fr|cs, coco-ja|zh, msrvtt-cn."),
+    preset: Optional[str] = typer.Option(None, help="A benchmark's loss weights and epochs: multi30k-de|fr|cs, coco-ja|zh, "
+                                                    "msrvtt-cn, vatex-zh; release-<that> adds every setting of the "
+                                                    "public release (README: defaults vs the release)."),
+    ablate: List[str] = typer.Option([], help="Remove a part of the method and its parameters: slots, descriptions, "
+                                              "softened, local, cv, reg; repeatable."),
     vision_model: Optional[str] = typer.Option(None, help="CLIP checkpoint (hub id or folder)."),
     text_model: Optional[str] = typer.Option(None, help="Text encoder (multilingual BERT; hub id or folder)."),
     image_size: Optional[int] = typer.Option(None, help="Input size (default 384 images, 224 video preset)."),
     set_: List[str] = typer.Option([], "--set", help="Any model config field KEY=VALUE (JSON values), e.g. "
                                                      "w_dstl=0.3, fusion_weight=0.1, dropout=0; repeatable."),
     views: Optional[str] = typer.Option(None, help="Description views, comma-separated (default: detailed, else the first)."),
+    view_sampling: str = typer.Option("all", help="Several views: all (every view every step) | random (one view "
+                                                  "per item per step; evaluation uses all)."),
     media: Optional[str] = typer.Option(None, help="image | video (default: what the manifest holds)."),
+    video_features: Optional[Path] = typer.Option(None, help="Pre-extracted per-frame video features (the release's "
+                                                             "video setting): <video id>.npy [frames, d] files, or "
+                                                             "Parquet (video_id, list<list<float>>), matched by native "
+                                                             "video id."),
     source_lang: str = typer.Option("en", "--from", help="Language of the captions that were translated."),
     train_split: str = typer.Option("train"),
     val_split: str = typer.Option("val", help="Validation split for model selection; 'none' to skip."),
-    epochs: int = typer.Option(60),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the preset's, else 60)."),
     max_steps: Optional[int] = typer.Option(None, help="Cap the run (and its schedule) at this many steps."),
     batch_size: int = typer.Option(128, help="Global batch (split over workers)."),
     lr: float = typer.Option(1e-5),
+    proj_lr_mult: Optional[float] = typer.Option(None, help="lr multiplier of the joint-space projections and tau "
+                                                            "(default 2; the release: 1)."),
     weight_decay: float = typer.Option(0.01),
     warmup_frac: float = typer.Option(0.1),
-    grad_clip: float = typer.Option(1.0, help="Max gradient norm; 0 = off."),
-    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on GPU, fp32 on CPU)."),
+    grad_clip: Optional[float] = typer.Option(None, help="Max gradient norm; 0 = off (default 1.0; the release: 0)."),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (default auto: bf16/fp16 on GPU, "
+                                                       "fp32 on CPU; the release: fp32)."),
     seed: int = typer.Option(42),
     num_workers: int = typer.Option(2, help="DataLoader workers per rank."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads per rank."),
@@ -350,8 +363,9 @@ def train(
     save_every_steps: Optional[int] = typer.Option(None, help="Also write last.pt every N steps."),
     stop_after_steps: Optional[int] = typer.Option(None, help="Save and stop at this step (resume later)."),
     eval_batch_size: int = typer.Option(128),
-    cache_desc_features: bool = typer.Option(False, help="Encode descriptions once with the frozen pretrained "
-                                                         "text encoder and cache the features (not the method's default)."),
+    cache_desc_features: bool = typer.Option(False, help="Approximation: encode descriptions once with the frozen "
+                                                         "pretrained text encoder and cache the features (the method "
+                                                         "encodes them with the fine-tuned one)."),
     video_frames: int = typer.Option(8, help="Uniform frames per video."),
     drop_mt_flag: List[str] = typer.Option([], help="Drop translations with this quality flag; repeatable."),
     run_name: Optional[str] = typer.Option(None, help="Run folder name (default: the language)."),
@@ -367,7 +381,6 @@ def train(
 ) -> None:
     """Train one LECCR model for one target language (select on validation R@sum)."""
     from leccr_core.data import MediaLoadError
-    from leccr_core.train import TrainConfig
     from pipelines import train as stage
     from pipelines.store import StageInputError
     _quiet_hf_loading()
@@ -384,14 +397,17 @@ def train(
     for key, value in (("vision_model", vision_model), ("text_model", text_model), ("image_size", image_size)):
         if value is not None:
             model[key] = value
+    # options left unset fall back to the preset's train side, then TrainConfig's defaults
+    tc = dict(max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_frac=warmup_frac,
+              seed=seed, num_workers=num_workers, threads=threads, eval_every_steps=eval_every_steps,
+              save_every_steps=save_every_steps, stop_after_steps=stop_after_steps, eval_batch_size=eval_batch_size,
+              cache_desc_features=cache_desc_features, device=device)
+    tc.update({k: v for k, v in (("epochs", epochs), ("proj_lr_mult", proj_lr_mult), ("grad_clip", grad_clip),
+                                 ("precision", precision)) if v is not None})
     try:
-        tc = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         warmup_frac=warmup_frac, grad_clip=grad_clip, precision=precision, seed=seed,
-                         num_workers=num_workers, threads=threads, eval_every_steps=eval_every_steps,
-                         save_every_steps=save_every_steps, stop_after_steps=stop_after_steps,
-                         eval_batch_size=eval_batch_size, cache_desc_features=cache_desc_features, device=device)
         cfg = stage.TrainStageConfig(
-            workdir=workdir, lang=lang, preset=preset, model=model, train=tc,
+            workdir=workdir, lang=lang, preset=preset, model=model, train=tc, ablate=tuple(ablate),
+            view_sampling=view_sampling, video_features=video_features,
             views=tuple(v.strip() for v in views.split(",") if v.strip()) if views else None,
             source_lang=source_lang, train_split=train_split,
             val_split=None if val_split.lower() in ("none", "") else val_split, media=media,
@@ -424,6 +440,8 @@ def evaluate(
     num_workers: int = typer.Option(2, help="DataLoader workers."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     name: Optional[str] = typer.Option(None, help="Output name (default <lang>-<split>-<checkpoint stem>)."),
+    video_features: Optional[Path] = typer.Option(None, help="Video features folder (default: the one the checkpoint "
+                                                             "was trained with)."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the report as JSON here."),
 ) -> None:
     """Retrieval metrics (JSON) and per-query ranks (Parquet) of a checkpoint on one split."""
@@ -434,7 +452,8 @@ def evaluate(
     try:
         report = stage.run(stage.EvaluateConfig(workdir=workdir, lang=lang, checkpoint=checkpoint, split=split,
                                                 fusion_weight=fusion_weight, batch_size=batch_size,
-                                                num_workers=num_workers, device=device, name=name))
+                                                num_workers=num_workers, device=device, name=name,
+                                                video_features=video_features))
     except StageInputError as err:
         _fail(EXIT_BAD_INPUT, str(err))
     except MediaLoadError as err:

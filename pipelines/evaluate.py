@@ -45,6 +45,7 @@ class EvaluateConfig:
     num_workers: int = 2
     device: str = "auto"
     precision: str = "auto"
+    video_features: Path | None = None      # default: the features folder the checkpoint was trained with
     out_dir: Path | None = None             # default WORKDIR/eval
     name: str | None = None                 # default <lang>-<split>-<checkpoint stem>
     progress: bool = True
@@ -99,7 +100,8 @@ def run(cfg: EvaluateConfig) -> EvaluateReport:
     from leccr_core.data import DataConfig
     from leccr_core.evaluate import embed, rank
     from leccr_core.train import autocast_factory, resolve_device, resolve_precision
-    from pipelines.train import build_eval_set, read_workdir, usable_items
+    from pipelines.train import (build_eval_set, read_workdir, resolve_video_features, usable_items,
+                                 video_feature_index)
 
     started = time.time()
     if cfg.fusion_weight is not None and not 0.0 <= cfg.fusion_weight <= 1.0:
@@ -110,10 +112,14 @@ def run(cfg: EvaluateConfig) -> EvaluateReport:
     except CheckpointError as err:
         raise store.StageInputError(str(err)) from None
     dc = DataConfig.from_dict(ckpt["data_config"])
-    manifest, captions, descriptions = read_workdir(cfg.workdir)
+    manifest, captions, descriptions = read_workdir(cfg.workdir, need_descriptions=bool(dc.views))
     counts: Counter = Counter()
     media = ckpt["model_config"]["media"]
-    items, _, _ = usable_items(manifest, descriptions, dc.views, media, counts)
+    features = None
+    if cfg.video_features is not None or dc.video_features:
+        folder = resolve_video_features(Path(cfg.video_features or dc.video_features), cfg.workdir)
+        features = video_feature_index(folder)
+    items, _, _ = usable_items(manifest, descriptions, dc.views, media, counts, features)
     evalset, n_in_split = build_eval_set(items, captions, cfg.split, cfg.lang)
     if not evalset.captions:
         found = sorted({str(s) for _, s in items.values()})
@@ -133,6 +139,9 @@ def run(cfg: EvaluateConfig) -> EvaluateReport:
         cache = DescFeatureCache.build(cache_dir, AutoModel.from_pretrained(mc.text_model), tokenizer,
                                        evalset.items, dc, device=str(device))
     weight = mc.fusion_weight if cfg.fusion_weight is None else cfg.fusion_weight
+    if weight > 0 and not mc.has_local:
+        raise store.StageInputError(f"--fusion-weight {weight}: this model's local branch is ablated "
+                                    f"({', '.join(mc.ablate)}); it has global scores only")
     try:
         emb = embed(model, evalset, tokenizer, dc, device, cfg.batch_size, cfg.num_workers, autocast, cache)
     finally:
@@ -153,6 +162,7 @@ def run(cfg: EvaluateConfig) -> EvaluateReport:
                "step": ckpt["position"]["step"], "trained_lang": ckpt.get("meta", {}).get("lang"),
                "fusion_weight": weight, "items": len(evalset.items), "captions": len(evalset.captions),
                "items_in_split": n_in_split, "skipped": dict(counts), "views": list(dc.views),
+               "ablate": list(mc.ablate),
                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(), "ranks": str(ranks_path)}
     tmp = metrics_path.with_name(f".{metrics_path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2), encoding="utf-8")

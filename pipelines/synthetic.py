@@ -19,9 +19,11 @@ Every caption is true by construction: all are phrased from the same structured 
 built from the workdir's words, so training runs offline in minutes on CPU.
 
 `learning_check` trains on the workdir through the real train and evaluate stages and reports
-target-language text->image R@1 on test against chance; with ablations it also trains
-without descriptions (slots from empty descriptions, slot losses off) and without softened
-matching (w_dstl = 0), and scores the full model global-only and fused.
+target-language text->image R@1 on test against chance; with ablations it also trains the
+`--ablate` variants (no softened matching, no slots, no descriptions: real switches that
+remove the parts and their parameters), and scores the full model global-only and fused.
+`chance_metrics` gives the distribution of every metric under random scores for a split's
+own caption -> item structure, from which the learning test sets its thresholds.
     python -m pipelines.synthetic learn --out runs/learn [--ablations] [--steps 300]
     python -m pipelines.synthetic make --workdir runs/synth [--train 400 --val 50 --test 100]
 """
@@ -309,19 +311,49 @@ def tiny_model_overrides(vision: Path, text: Path, image_size: int = 64, embed_d
 # --------------------------------------------------------------------------- learning check
 
 ABLATIONS = {
-    # name: (LeccrConfig overrides, description views)
-    "full": ({}, ("detailed",)),
-    "no_descriptions": ({"w_cap": 0.0, "w_cv": 0.0, "w_reg": 0.0}, ("empty",)),
-    "no_softened_matching": ({"w_dstl": 0.0}, ("detailed",)),
+    # name: --ablate switches (leccr_core.config.ABLATIONS)
+    "full": (),
+    "no_softened_matching": ("softened",),
+    "no_slots": ("slots",),
+    "no_descriptions": ("descriptions",),
 }
+
+
+def chance_metrics(workdir: Path, split: str, lang: str = "de", trials: int = 500, seed: int = 0) -> dict:
+    """Retrieval metrics under random scores, for the split's own caption -> item structure
+    (items and their human `lang` captions, as evaluate reads them): {metric: sorted values of
+    `trials` draws}. Thresholds set from its upper quantiles mean "better than chance" for the
+    split as it is, whatever its size or captions per item."""
+    import torch
+
+    from leccr_core.metrics import retrieval_metrics
+    from pipelines.train import build_eval_set, read_workdir, usable_items
+    from collections import Counter
+    manifest, captions, descriptions = read_workdir(Path(workdir), need_descriptions=False)
+    items, _, _ = usable_items(manifest, descriptions, (), "image", Counter())
+    evalset, _ = build_eval_set(items, captions, split, lang)
+    caption_item = torch.tensor([c.item for c in evalset.captions])
+    g = torch.Generator().manual_seed(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(trials):
+        scores = torch.rand(len(caption_item), len(evalset.items), generator=g)
+        for k, v in retrieval_metrics(scores, caption_item).items():
+            draws.setdefault(k, []).append(v)
+    return {k: sorted(v) for k, v in draws.items()}
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile of sorted values (nearest rank)."""
+    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def learning_check(out: Path, ablations: Sequence[str] = ("full",), steps: int = 300, n_train: int = 400,
                    n_val: int = 50, n_test: int = 100, batch_size: int = 32, lr: float = 5e-4, seed: int = 0,
                    num_workers: int = 0, threads: int | None = 1, progress: bool = False,
-                   fusion_weights: Sequence[float] = (0.0, 0.1)) -> dict:
+                   fusion_weights: Sequence[float] = (0.0, 0.1), train_seed: int = 42) -> dict:
     """Train each named variant on the synthetic workdir and evaluate on test (German
-    text -> image). Returns {"chance_r1": ..., "runs": {name: {...}}}."""
+    text -> image). ``seed`` makes the data and the tiny encoders, ``train_seed`` the training
+    (new layers' init, batch order, dropout). Returns {"chance_r1": ..., "runs": {name: {...}}}."""
     from leccr_core.train import TrainConfig
     from pipelines import evaluate as evaluate_stage
     from pipelines import train as train_stage
@@ -333,19 +365,21 @@ def learning_check(out: Path, ablations: Sequence[str] = ("full",), steps: int =
     vision, text = out / "encoders" / "vision", out / "encoders" / "text"
     if not (text / "vocab.txt").is_file():
         build_tiny_encoders(out / "encoders", workdir_texts(workdir), seed=seed)
-    results: dict[str, Any] = {"chance_r1": 100.0 / n_test, "runs": {}}
+    results: dict[str, Any] = {"chance_r1": 100.0 / n_test, "workdir": str(workdir), "runs": {}}
     for name in ablations:
-        overrides, views = ABLATIONS[name]
         tc = TrainConfig(epochs=1000, max_steps=steps, batch_size=batch_size, lr=lr, num_workers=num_workers,
-                         eval_every_steps=max(1, steps // 3), seed=42, threads=threads)
+                         eval_every_steps=max(1, steps // 3), seed=train_seed, threads=threads)
         report = train_stage.run(train_stage.TrainStageConfig(
-            workdir=workdir, lang="de", model={**tiny_model_overrides(vision, text), **overrides}, train=tc,
-            views=views, run_name=f"de-{name}", overwrite=True, progress=progress))
+            workdir=workdir, lang="de", model=tiny_model_overrides(vision, text), train=tc,
+            ablate=ABLATIONS[name], views=("detailed",), run_name=f"de-{name}-s{train_seed}", overwrite=True,
+            progress=progress))
         run = {"train": report.summary}
-        for w in (fusion_weights if name == "full" else (0.0,)):
+        local = "slots" not in ABLATIONS[name] and "local" not in ABLATIONS[name]
+        for w in (fusion_weights if name == "full" and local else (0.0,)):
             ev = evaluate_stage.run(evaluate_stage.EvaluateConfig(
                 workdir=workdir, lang="de", checkpoint=Path(report.run_dir) / "best.pt", split="test",
-                fusion_weight=w, num_workers=num_workers, name=f"de-{name}-test-w{w}", progress=progress))
+                fusion_weight=w, num_workers=num_workers, name=f"de-{name}-s{train_seed}-test-w{w}",
+                progress=progress))
             run[f"test_w{w}"] = ev.metrics
         results["runs"][name] = run
     return results
@@ -382,7 +416,7 @@ def _main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - by h
     def learn(out: Path = typer.Option(...), ablations: bool = typer.Option(False, help="Run every ablation."),
               steps: int = 300, train: int = 400, test: int = 100, lr: float = 5e-4, progress: bool = True) -> None:
         """Train tiny models on the synthetic data; print German text->image R@1 vs chance."""
-        names = list(ABLATIONS) if ablations else ["full"]
+        names = list(ABLATIONS) if ablations else ["full"]   # full, no softened, no slots, no descriptions
         results = learning_check(out, names, steps=steps, n_train=train, n_test=test, lr=lr, progress=progress)
         (Path(out) / "learning.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
         typer.echo(format_results(results))

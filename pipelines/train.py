@@ -45,10 +45,15 @@ DEFAULT_VIEW = "detailed"
 class TrainStageConfig:
     workdir: Path
     lang: str                                   # target language (BCP-47, as the captions spell it)
-    preset: str | None = None                   # leccr_core.config.BENCHMARK_PRESETS name
+    preset: str | None = None                   # leccr_core.config.preset_names(): <bench> or release-<bench>
     model: dict[str, Any] = field(default_factory=dict)   # LeccrConfig overrides (vision_model, d, w_dstl, ...)
-    train: Any = None                           # leccr_core.train.TrainConfig (None: defaults)
+    # leccr_core.train.TrainConfig, used as given; or a dict of TrainConfig fields set explicitly,
+    # laid over the preset's train side (epochs; the release's lr multiplier, clipping, precision)
+    train: Any = None
+    ablate: tuple[str, ...] = ()                # leccr_core.config.ABLATIONS names (recorded in the model config)
     views: tuple[str, ...] | None = None        # description views; None: "detailed" if present, else the first
+    view_sampling: str = "all"                  # all | random (one view per item per step in training)
+    video_features: Path | None = None          # per-video feature arrays (.npy or Parquet), by native video id
     source_lang: str = "en"
     train_split: str = "train"
     val_split: str | None = "val"               # None: no validation (last.pt only, no best.pt)
@@ -121,14 +126,99 @@ def _same_lang(a: str | None, b: str) -> bool:
     return a is not None and a.lower() == b.lower()
 
 
-def read_workdir(workdir: Path) -> tuple[list[dict], list[dict], list[dict]]:
+def read_workdir(workdir: Path, need_descriptions: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
+    """Manifest, captions and descriptions rows. Without ``need_descriptions`` (a model with no
+    description input) a missing descriptions folder is no error."""
     manifest = _read(workdir / store.MANIFEST_DIR, schemas.MANIFEST,
                      "run `leccr-pipe ingest` (or `describe --input`) first", "manifest")
     captions = _read(workdir / store.CAPTIONS_DIR, schemas.CAPTIONS, "run `leccr-pipe ingest` first", "captions",
                      CAPTION_COLUMNS)
-    descriptions = _read(workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS,
-                         "run `leccr-pipe describe` first", "descriptions", DESCRIPTION_COLUMNS)
+    descriptions = []
+    if need_descriptions or store.parquet_files(workdir / store.DESCRIPTIONS_DIR):
+        descriptions = _read(workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS,
+                             "run `leccr-pipe describe` first", "descriptions", DESCRIPTION_COLUMNS)
     return manifest, captions, descriptions
+
+
+# --------------------------------------------------------------------------- video features
+
+FEATURE_INDEX = "index.json"          # {native video id: file name} in a features folder (optional for .npy)
+
+
+def video_feature_index(folder: Path) -> dict[str, Path]:
+    """Native video id -> [T, d] .npy file of a resolved features folder: its index.json, else
+    every ``<video id>.npy`` in it."""
+    folder = Path(folder)
+    if (folder / FEATURE_INDEX).is_file():
+        names = json.loads((folder / FEATURE_INDEX).read_text(encoding="utf-8"))
+        return {vid: folder / name for vid, name in names.items()}
+    return {p.stem: p for p in sorted(folder.glob("*.npy")) if not p.name.startswith(".")}
+
+
+def _parquet_feature_columns(schema, where: Path) -> tuple[str, str]:
+    import pyarrow as pa
+    ids = [n for n in ("video_id", "id") if n in schema.names]
+    lists = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
+             or pa.types.is_fixed_size_list(f.type)]
+    feats = ["features"] if "features" in lists else lists
+    if not ids or len(feats) != 1:
+        raise store.StageInputError(f"{where}: a video features Parquet needs a string column video_id (or id) and "
+                                    f"one list column of frames (features: list<list<float>>); columns: "
+                                    f"{', '.join(schema.names)}")
+    return ids[0], feats[0]
+
+
+def resolve_video_features(folder: Path, workdir: Path) -> Path:
+    """A folder of per-video features -> a folder of [T, d] .npy files (video_feature_index).
+
+    ``<video id>.npy`` files are used where they lie. Parquet files (a video_id column and a
+    list column holding the frames, list<list<float>> [T][d]) are unpacked once into
+    WORKDIR/cache/video-features-<hash of the files' names, sizes and times>/."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise store.StageInputError(f"--video-features {folder}: no such folder")
+    parquets = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+    if not parquets:
+        if not video_feature_index(folder):
+            raise store.StageInputError(f"--video-features {folder}: no <video id>.npy or .parquet files")
+        return folder
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in parquets]
+    out = workdir / "cache" / f"video-features-{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}"
+    if (out / FEATURE_INDEX).is_file():
+        return out
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names: dict[str, str] = {}
+    for path in parquets:
+        id_col, feat_col = _parquet_feature_columns(pq.read_schema(path), path)
+        table = pq.read_table(path, columns=[id_col, feat_col])
+        for vid, frames in zip(table.column(id_col).to_pylist(), table.column(feat_col).to_pylist()):
+            try:
+                arr = np.asarray(frames, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise store.StageInputError(f"{path}: video {vid!r}: frames of unequal width") from None
+            if arr.ndim != 2 or arr.shape[0] < 1:
+                raise store.StageInputError(f"{path}: video {vid!r}: expected [frames, d], got shape {arr.shape}")
+            if vid in names:
+                raise store.StageInputError(f"{path}: video {vid!r} appears twice in {folder}")
+            names[str(vid)] = f"{len(names):08d}.npy"
+            np.save(tmp / names[str(vid)], arr, allow_pickle=False)
+    (tmp / FEATURE_INDEX).write_text(json.dumps(names), encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def feature_width(index: dict[str, Path]) -> int:
+    import numpy as np
+    first = next(iter(index.values()))
+    arr = np.load(first, mmap_mode="r", allow_pickle=False)
+    if arr.ndim != 2:
+        raise store.StageInputError(f"{first}: expected a [frames, d] array, got shape {arr.shape}")
+    return int(arr.shape[1])
 
 
 def choose_views(descriptions: list[dict], wanted: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -168,12 +258,20 @@ def _latest_descriptions(descriptions: list[dict], views: tuple[str, ...]) -> tu
 
 
 def usable_items(manifest: list[dict], descriptions: list[dict], views: tuple[str, ...], media: str | None,
-                 counts: Counter) -> tuple[dict[str, Any], str, dict]:
-    """item_id -> ItemRecord for every item whose media can be used; counts what is skipped."""
+                 counts: Counter, features: dict[str, Path] | None = None) -> tuple[dict[str, Any], str, dict]:
+    """item_id -> ItemRecord for every item whose media can be used; counts what is skipped.
+    With ``features`` (native video id -> .npy), video items are matched to their features by
+    the manifest's source_id: the video files themselves are not needed (nor read)."""
     from leccr_core.data import ItemRecord
     texts, desc_errors, prints = _latest_descriptions(descriptions, views)
     rows = []
     for r in manifest:
+        if features is not None and r["media_type"] == "video":
+            if r["source_id"] not in features:
+                counts["no_video_features"] += 1
+                continue
+            rows.append(r)
+            continue
         if r["error_kind"] is not None or r["relpath"] is None:
             counts[f"manifest_error:{r['error_kind'] or 'no_path'}"] += 1
             continue
@@ -191,14 +289,16 @@ def usable_items(manifest: list[dict], descriptions: list[dict], views: tuple[st
             counts[f"other_media:{r['media_type']}"] += 1
             continue
         per_view = tuple(texts.get((r["item_id"], v)) for v in views)
-        if all(t is None for t in per_view) and desc_errors.get(r["item_id"], set()) & MEDIA_ERROR_KINDS:
-            counts["media_unreadable_in_describe"] += 1
-            continue
-        if all(t is None for t in per_view):
+        feats = str(features[r["source_id"]]) if features is not None and media == "video" else None
+        if views and all(t is None for t in per_view):
+            if feats is None and desc_errors.get(r["item_id"], set()) & MEDIA_ERROR_KINDS:
+                counts["media_unreadable_in_describe"] += 1
+                continue
             counts["items_without_description"] += 1
         elif any(t is None for t in per_view):
             counts["items_missing_a_view"] += 1
-        items[r["item_id"]] = (ItemRecord(r["item_id"], media, r["root"], r["relpath"], per_view), r["split"])
+        items[r["item_id"]] = (ItemRecord(r["item_id"], media, r["root"], r["relpath"] or "", per_view, feats),
+                               r["split"])
     return items, media, prints
 
 
@@ -222,12 +322,25 @@ def _splits(items: dict) -> str:
     return ", ".join(f"{s!r} ({n})" for s, n in sorted(found.items(), key=lambda kv: str(kv[0]))) or "none"
 
 
-def load_train_data(cfg: TrainStageConfig) -> TrainData:
+def _ablations(cfg: TrainStageConfig) -> set[str]:
+    return set(cfg.ablate) | set(cfg.model.get("ablate") or ())
+
+
+def needs_descriptions(cfg: TrainStageConfig) -> bool:
+    """False when an ablation removes the description input (slots, descriptions)."""
+    return not (_ablations(cfg) & {"slots", "descriptions"})
+
+
+def load_train_data(cfg: TrainStageConfig, features: dict[str, Path] | None = None) -> TrainData:
     from leccr_core.data import PairRecord
-    manifest, captions, descriptions = read_workdir(cfg.workdir)
+    need = needs_descriptions(cfg)
+    manifest, captions, descriptions = read_workdir(cfg.workdir, need)
     counts: Counter = Counter()
-    views = choose_views(descriptions, cfg.views)
-    items, media, prints = usable_items(manifest, descriptions, views, cfg.media, counts)
+    views = choose_views(descriptions, cfg.views) if need else ()
+    if features is not None and cfg.media not in (None, "video"):
+        raise store.StageInputError("--video-features is for videos; the media given is " + str(cfg.media))
+    items, media, prints = usable_items(manifest, descriptions, views, "video" if features is not None else cfg.media,
+                                        counts, features)
 
     train_ids = sorted(i for i, (_, s) in items.items() if s == cfg.train_split)
     if not train_ids:
@@ -283,17 +396,44 @@ def load_train_data(cfg: TrainStageConfig) -> TrainData:
 
 # --------------------------------------------------------------------------- configs
 
-def model_config(cfg: TrainStageConfig, media: str):
-    """Preset + overrides; the visual and text widths come from the encoders' own configs
-    unless given (a tiny or another-size encoder then needs no extra flags)."""
-    from leccr_core.config import LeccrConfig
+def _preset(cfg: TrainStageConfig) -> tuple[dict, dict]:
+    from leccr_core.config import resolve_preset
+    if not cfg.preset:
+        return {}, {}
     try:
-        base = dict(LeccrConfig.from_preset(cfg.preset).to_dict()) if cfg.preset else {}
+        return resolve_preset(cfg.preset)
     except KeyError as err:
         raise store.StageInputError(str(err).strip("'\"")) from None
+
+
+def train_config(cfg: TrainStageConfig):
+    """TrainConfig: as given, or defaults <- the preset's train side <- the explicit options."""
+    from leccr_core.train import TrainConfig
+    if isinstance(cfg.train, TrainConfig):
+        return cfg.train
+    try:
+        return TrainConfig(**{**_preset(cfg)[1], **(cfg.train or {})})
+    except (TypeError, ValueError) as err:
+        raise store.StageInputError(f"train config: {err}") from None
+
+
+def model_config(cfg: TrainStageConfig, media: str, feature_dim: int | None = None):
+    """Preset + overrides; the visual and text widths come from the encoders' own configs
+    (or the video features) unless given (a tiny or another-size encoder then needs no extra
+    flags)."""
+    from leccr_core.config import LeccrConfig
+    preset_model = _preset(cfg)[0]
+    base = dict(LeccrConfig(**preset_model).to_dict()) if cfg.preset else {}
     explicit = dict(cfg.model)
+    if cfg.ablate:
+        explicit["ablate"] = sorted(_ablations(cfg))
     if cfg.preset and base["media"] != media:
         raise store.StageInputError(f"preset {cfg.preset} is for {base['media']}, the data are {media}")
+    if feature_dim is not None:
+        explicit["video_input"] = "features"
+        explicit.setdefault("d", feature_dim)
+        if explicit["d"] != feature_dim:
+            raise store.StageInputError(f"d={explicit['d']} but the video features are {feature_dim}-d")
     merged = {**base, **explicit, "media": media}
     try:
         from transformers import AutoConfig
@@ -313,10 +453,15 @@ def model_config(cfg: TrainStageConfig, media: str):
         raise store.StageInputError(f"model config: {err}") from None
 
 
-def data_config(cfg: TrainStageConfig, mc, views: tuple[str, ...]):
+def data_config(cfg: TrainStageConfig, mc, views: tuple[str, ...], video_features: Path | None = None):
     from leccr_core.data import DataConfig
-    return DataConfig(views=views, caption_max_words=mc.caption_max_words, caption_max_tokens=cfg.caption_max_tokens,
-                      desc_max_tokens=mc.desc_max_tokens, image_size=mc.image_size, video_frames=cfg.video_frames)
+    try:
+        return DataConfig(views=views, view_sampling=cfg.view_sampling, caption_max_words=mc.caption_max_words,
+                          caption_max_tokens=cfg.caption_max_tokens, desc_max_tokens=mc.desc_max_tokens,
+                          image_size=mc.image_size, video_frames=cfg.video_frames,
+                          video_features=str(video_features) if video_features else None)
+    except ValueError as err:
+        raise store.StageInputError(f"data config: {err}") from None
 
 
 def _check_resume(last: Path, mc, dc, tc) -> None:
@@ -362,21 +507,45 @@ def _cache_dirs(cfg: TrainStageConfig, data: TrainData, mc, dc) -> dict[str, Pat
 
 # --------------------------------------------------------------------------- run
 
-def run(cfg: TrainStageConfig) -> TrainReport:
-    from leccr_core.train import TrainConfig, TrainJob
-    tc = cfg.train or TrainConfig()
+@dataclass
+class PreparedRun:
+    """Everything a run needs, read and checked, before any training (and before the lock)."""
+    job: Any                                     # leccr_core.train.TrainJob
+    data: TrainData
+
+
+def prepare(cfg: TrainStageConfig) -> PreparedRun:
+    """Workdir -> a TrainJob (configs resolved and validated; nothing written)."""
+    from leccr_core.train import TrainJob
+    tc = train_config(cfg)
     if cfg.workers < 1:
         raise store.StageInputError("--workers must be at least 1")
     if tc.batch_size % cfg.workers:
         raise store.StageInputError(f"--batch-size {tc.batch_size} is not divisible by {cfg.workers} workers")
-    data = load_train_data(cfg)
-    mc = model_config(cfg, data.media)
-    if mc.media == "video" and mc.video_input == "features":
-        raise store.StageInputError("video_input='features' needs pre-extracted frame features, which no stage "
-                                    "writes yet; use the default clip_frames")
-    dc = data_config(cfg, mc, data.views)
+    features_dir = index = None
+    if cfg.video_features is None and {**_preset(cfg)[0], **cfg.model}.get("video_input") == "features":
+        raise store.StageInputError(f"{'preset ' + cfg.preset if cfg.preset else 'video_input=features'} trains on "
+                                    "pre-extracted frame features: give them with --video-features DIR")
+    if cfg.video_features is not None:
+        features_dir = resolve_video_features(Path(cfg.video_features), cfg.workdir)
+        index = video_feature_index(features_dir)
+    data = load_train_data(cfg, index)
+    mc = model_config(cfg, data.media, feature_width(index) if index else None)
+    dc = data_config(cfg, mc, data.views, features_dir)
     run_dir = cfg.workdir / "checkpoints" / cfg.run
     log_dir = cfg.workdir / "logs" / f"train-{cfg.run}"
+    meta = {"run": cfg.run, "lang": cfg.lang, "source_lang": cfg.source_lang, "train_split": cfg.train_split,
+            "val_split": cfg.val_split, "workdir": str(cfg.workdir), "skipped": dict(data.counts),
+            "description_fingerprints": data.fingerprints, "preset": cfg.preset, "ablate": list(mc.ablate)}
+    job = TrainJob(model_cfg=mc, data_cfg=dc, train_cfg=tc, items=data.items, pairs=data.pairs, val=data.val,
+                   run_dir=run_dir, log_dir=log_dir, resume=cfg.resume, meta=meta)
+    return PreparedRun(job=job, data=data)
+
+
+def run(cfg: TrainStageConfig) -> TrainReport:
+    prepared = prepare(cfg)
+    job, data = prepared.job, prepared.data
+    mc, dc, tc, run_dir, log_dir = job.model_cfg, job.data_cfg, job.train_cfg, job.run_dir, job.log_dir
     with store.exclusive(cfg.workdir, f"train-{cfg.run}"):
         last = run_dir / "last.pt"
         if cfg.overwrite:
@@ -388,14 +557,10 @@ def run(cfg: TrainStageConfig) -> TrainReport:
         elif cfg.resume and last.is_file():
             _check_resume(last, mc, dc, tc)
         log_dir.mkdir(parents=True, exist_ok=True)
-        caches = _cache_dirs(cfg, data, mc, dc) if tc.cache_desc_features else {}
-        meta = {"run": cfg.run, "lang": cfg.lang, "source_lang": cfg.source_lang, "train_split": cfg.train_split,
-                "val_split": cfg.val_split, "workdir": str(cfg.workdir), "skipped": dict(data.counts),
-                "description_fingerprints": data.fingerprints}
-        job = TrainJob(model_cfg=mc, data_cfg=dc, train_cfg=tc, items=data.items, pairs=data.pairs, val=data.val,
-                       run_dir=run_dir, log_dir=log_dir, resume=cfg.resume, desc_cache=caches, meta=meta)
+        if tc.cache_desc_features and dc.views:
+            job.desc_cache = _cache_dirs(cfg, data, mc, dc)
         if cfg.workers > 1 or cfg.ray_address:
-            summary = _train_with_ray(cfg, job)
+            summary = train_with_ray(cfg, [job])[0]
         else:
             summary = _train_here(cfg, job)
     return TrainReport(run=cfg.run, lang=cfg.lang, media=data.media, views=data.views, train_items=len(data.items),
@@ -428,16 +593,20 @@ def _resume_step(job) -> int:
 
 
 def _ray_worker(config: dict) -> None:
-    """One DDP rank under Ray Train (torch.distributed is already initialised)."""
+    """DDP ranks under Ray Train (torch.distributed is already initialised): the jobs in turn."""
     import ray.train
     import ray.train.torch
 
     from leccr_core.train import train
     ctx = ray.train.get_context()
-    train(config["job"], rank_=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device())
+    for job in config["jobs"]:
+        train(job, rank_=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device())
 
 
-def _train_with_ray(cfg: TrainStageConfig, job) -> dict:
+def train_with_ray(cfg: TrainStageConfig, jobs: list) -> list[dict]:
+    """Run the jobs one after another on one Ray Train worker group (cfg.workers DDP ranks:
+    one start of the group and its process group for all of them, e.g. an ablation sweep).
+    Returns each job's summary."""
     from pipelines.progress import progress_bar
     from pipelines.ray_utils import init_ray, root_cause
     ray = init_ray(cfg.ray_address)
@@ -445,15 +614,15 @@ def _train_with_ray(cfg: TrainStageConfig, job) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= cfg.workers
-    if use_gpu and job.train_cfg.device == "cpu":
+    if use_gpu and any(job.train_cfg.device == "cpu" for job in jobs):
         use_gpu = False
     trainer = TorchTrainer(
-        _ray_worker, train_loop_config={"job": job},
+        _ray_worker, train_loop_config={"jobs": jobs},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
                                                            **({"GPU": 1} if use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=f"train-{cfg.run}-{int(time.time())}", storage_path=str(job.log_dir / "ray"),
+        run_config=RunConfig(name=f"train-{cfg.run}-{int(time.time())}", storage_path=str(jobs[0].log_dir / "ray"),
                              failure_config=FailureConfig(max_failures=0)))
     outcome: dict[str, Any] = {}
 
@@ -464,23 +633,28 @@ def _train_with_ray(cfg: TrainStageConfig, job) -> dict:
             outcome["error"] = err
 
     thread = threading.Thread(target=fit, daemon=True)
-    start_step = _resume_step(job)
-    log_path = job.log_dir / "train.jsonl"
-    with progress_bar(f"train {cfg.run} ({cfg.workers} workers)", _steps_total(job), enabled=cfg.progress) as advance:
-        advance(start_step)
-        shown = start_step
+    starts = [_resume_step(job) for job in jobs]
+    logs = [job.log_dir / "train.jsonl" for job in jobs]
+    total = sum(_steps_total(job) for job in jobs)
+    with progress_bar(f"train {cfg.run} ({cfg.workers} workers)", total, enabled=cfg.progress) as advance:
+        advance(sum(starts))
+        shown = list(starts)
         thread.start()
         while thread.is_alive():
             thread.join(timeout=1.0)
-            shown = _follow(log_path, shown, advance)
-        _follow(log_path, shown, advance)
+            shown = [_follow(path, n, advance) for path, n in zip(logs, shown)]
+        for path, n in zip(logs, shown):
+            _follow(path, n, advance)
     if "error" in outcome:
         raise RuntimeError(f"Ray Train failed: {root_cause(outcome['error'])}") from outcome["error"]
     result = outcome.get("result")
     if result is not None and getattr(result, "error", None):
         raise RuntimeError(f"Ray Train failed: {root_cause(result.error)}")
-    summary_path = job.log_dir / "summary.json"
-    return json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    summaries = []
+    for job in jobs:
+        path = job.log_dir / "summary.json"
+        summaries.append(json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {})
+    return summaries
 
 
 def _follow(log_path: Path, shown: int, advance) -> int:
@@ -514,6 +688,8 @@ def print_summary(report: TrainReport) -> None:
                           f"(en -> {report.lang}); val {report.val_items} items / {report.val_captions} captions; "
                           f"views {', '.join(report.views)}")
     table.add_row("skipped", ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items())) or "none")
+    if s.get("ablate"):
+        table.add_row("ablated", ", ".join(s["ablate"]) + f" (loss terms: {', '.join(s.get('loss_terms', []))})")
     if s:
         state = "finished" if s.get("finished") else f"stopped at step {s.get('steps')}"
         table.add_row("steps", f"{s.get('steps')} / {s.get('steps_total')} ({state}; resumed from "

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -272,3 +273,149 @@ def test_cached_description_features_train_and_evaluate(synth):
                                                           checkpoint=Path(rep.run_dir) / "last.pt", name="cached"))
     assert ev.items == N_TEST and (workdir / "eval" / "cached.json").is_file()
     assert not list((workdir / "eval").glob(".desc-cache/*"))   # the evaluation's cache is removed
+
+
+# ---- the release's video setting: per-video feature arrays ---------------------------------------
+FEAT_D = 24
+
+
+@pytest.fixture(scope="module")
+def video_synth(synth, tmp_path_factory):
+    """The synthetic workdir as a video dataset whose videos are all missing (error rows in the
+    manifest, as import-benchmark writes them): training needs only the features, matched by
+    the native video id. Every item but one has features: as .npy files and as Parquet."""
+    import numpy as np
+    root = tmp_path_factory.mktemp("video-features")
+    wd = root / "wd"
+    for sub in ("captions", "descriptions"):
+        shutil.copytree(synth[0] / sub, wd / sub)
+    rows = store.read_folder(synth[0] / "manifest", schemas.MANIFEST).to_pylist()
+    for k, r in enumerate(rows):
+        r.update(media_type="video", relpath=f"videos/{k}.mp4", source_id=f"vid{k:03d}", error_kind="not_found",
+                 error="no such file")
+    store.write_atomic(pa.Table.from_pylist(rows, schema=schemas.MANIFEST), wd / "manifest" / "manifest.parquet")
+    g = np.random.default_rng(0)
+    feats = {r["source_id"]: g.standard_normal((2 + k % 4, FEAT_D)).astype(np.float32) for k, r in enumerate(rows)}
+    missing = next(r["source_id"] for r in rows if r["split"] == "train")
+    del feats[missing]
+    (root / "npy").mkdir()
+    for vid, arr in feats.items():
+        np.save(root / "npy" / f"{vid}.npy", arr)
+    (root / "pq").mkdir()
+    items = sorted(feats.items())
+    for part, chunk in enumerate((items[::2], items[1::2])):
+        pq.write_table(pa.table({"video_id": [v for v, _ in chunk], "features": [a.tolist() for _, a in chunk]}),
+                       root / "pq" / f"part-{part}.parquet")
+    return wd, root / "npy", root / "pq"
+
+
+def test_video_features_release_preset_from_the_cli(synth, video_synth):
+    """--preset release-vatex-zh --video-features DIR: every release setting lands in the run;
+    an explicit flag still wins over the preset; .npy and Parquet features train the same run."""
+    wd, npy, pq_dir = video_synth
+    args = cli_train_args(synth, "rel-npy", "--preset", "release-vatex-zh", "--video-features", npy,
+                          "--grad-clip", "0.5", "--max-steps", "3", "--val-split", "none")
+    args[args.index("--workdir") + 1] = wd
+    i = args.index("--epochs")                                # the preset's epochs
+    del args[i:i + 2]
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = torch.load(wd / "checkpoints" / "rel-npy" / "last.pt", weights_only=True)
+    mc, tc = ckpt["model_config"], ckpt["train_config"]
+    assert (mc["media"], mc["video_input"], mc["d"], mc["n_frame_layers"], mc["n_slots"]) == (
+        "video", "features", FEAT_D, 1, 2)
+    assert (mc["cv_norm"], mc["cv_batch"], mc["slot_init"], mc["kl_orientation"], mc["gather_grad"]) == (
+        "release", "rank", "zeros", "release", "local")
+    assert (tc["epochs"], tc["proj_lr_mult"], tc["precision"], tc["grad_clip"]) == (50, 1.0, "fp32", 0.5)
+    assert not any(k.startswith("vision.") for k in ckpt["model"])
+    assert torch.count_nonzero(ckpt["model"]["slot_queries"]) > 0          # zero-init, then trained
+    assert ckpt["meta"]["skipped"]["no_video_features"] == 1           # the item without features
+
+    from pipelines import evaluate as evaluate_stage
+    same = dict(max_steps=3, batch_size=8, lr=1e-3, num_workers=0, threads=1, grad_clip=0.5)   # as the CLI's
+    cfg = stage_cfg(synth, "rel-pq", train=same, preset="release-vatex-zh", val_split=None, video_features=pq_dir)
+    cfg.workdir = wd
+    rep = train_stage.run(cfg)
+    assert rep.train_items == N_TRAIN - 1 and rep.skipped["no_video_features"] == 1
+    a, b = steps(wd / "logs" / "train-rel-npy"), steps(Path(rep.log_dir))
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)   # same features by id
+    ev = evaluate_stage.run(evaluate_stage.EvaluateConfig(workdir=wd, lang="de", split="test", num_workers=0,
+                                                          checkpoint=Path(rep.run_dir) / "last.pt", name="pq"))
+    assert ev.items == N_TEST and ev.fusion_weight == 0.1                # the release's video fusion
+
+
+def test_video_features_errors(synth, video_synth, tmp_path):
+    wd, npy, _ = video_synth
+    cfg = stage_cfg(synth, "err", preset="release-msrvtt-cn")
+    cfg.workdir = wd
+    assert "--video-features" in _error_cfg(cfg)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    pq.write_table(pa.table({"name": ["x"]}), bad / "f.parquet")
+    cfg.video_features = bad
+    assert "video_id" in _error_cfg(cfg)
+    cfg.video_features, cfg.model = npy, {**cfg.model, "d": 512}
+    assert "24-d" in _error_cfg(cfg)
+
+
+def _error_cfg(cfg) -> str:
+    with pytest.raises(store.StageInputError) as err:
+        train_stage.run(cfg)
+    return str(err.value)
+
+
+# ---- ablations ----------------------------------------------------------------------------------
+def test_ablate_slots_trains_without_descriptions_and_evaluates_global_only(synth, tmp_path):
+    wd = _copy_workdir(synth, tmp_path)
+    shutil.rmtree(wd / "descriptions")                        # no description input: none needed
+    cfg = stage_cfg(synth, "no-slots", train=train_cfg(max_steps=2), ablate=("slots",))
+    cfg.workdir = wd
+    rep = train_stage.run(cfg)
+    assert rep.views == () and rep.summary["ablate"] == ["slots"]
+    assert set(rep.summary["loss_terms"]) == {"itc_vs", "itc_vt", "itc_st", "kl"}
+    from pipelines import evaluate as evaluate_stage
+    ck = Path(rep.run_dir) / "last.pt"
+    ev = evaluate_stage.run(evaluate_stage.EvaluateConfig(workdir=wd, lang="de", split="test", num_workers=0,
+                                                          checkpoint=ck, name="ns"))
+    assert ev.fusion_weight == 0.0 and json.loads((wd / "eval" / "ns.json").read_text())["ablate"] == ["slots"]
+    with pytest.raises(store.StageInputError, match="local branch is ablated"):
+        evaluate_stage.run(evaluate_stage.EvaluateConfig(workdir=wd, lang="de", split="test", num_workers=0,
+                                                         checkpoint=ck, fusion_weight=0.1))
+
+
+@pytest.mark.slow
+def test_every_ablation_trains_under_two_rank_ddp(synth, monkeypatch):
+    """One Ray Train worker group (2 gloo ranks) runs every ablation (and the release preset)
+    for 2 steps each: DDP fails on a second step if any parameter got no gradient. Each run
+    records its ablation and trains a different set of parameters and loss terms."""
+    from leccr_core.config import ABLATIONS
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    variants = {"full": {}, **{name: {"ablate": (name,)} for name in ABLATIONS},
+                "release": {"preset": "release-multi30k-fr",     # the preset's train side: 1x lr, no clipping, fp32
+                            "train": dict(max_steps=2, epochs=1, batch_size=8, lr=1e-3, num_workers=0, threads=1)}}
+    jobs = {}
+    for name, kw in variants.items():
+        cfg = stage_cfg(synth, f"ddp-{name}", workers=2, val_split=None,
+                        **{"train": train_cfg(max_steps=2, epochs=1), **kw})
+        shutil.rmtree(cfg.workdir / "checkpoints" / cfg.run, ignore_errors=True)
+        shutil.rmtree(cfg.workdir / "logs" / f"train-{cfg.run}", ignore_errors=True)
+        jobs[name] = train_stage.prepare(cfg).job
+    summaries = dict(zip(jobs, train_stage.train_with_ray(stage_cfg(synth, "ddp", workers=2), list(jobs.values()))))
+    names, terms = {}, {}
+    for name, job in jobs.items():
+        s = summaries[name]
+        assert s["world_size"] == 2 and s["steps"] == 2 and s["finished"], name
+        ckpt = torch.load(job.run_dir / "last.pt", weights_only=True)
+        assert ckpt["model_config"]["ablate"] == list(variants[name].get("ablate", ())) == s["ablate"]
+        names[name] = frozenset(ckpt["model"])
+        terms[name] = frozenset(s["loss_terms"])
+        assert all(r["loss"] == r["loss"] for r in steps(job.log_dir))             # finite, not NaN
+    assert ckpt["model_config"]["cv_norm"] == "release" and ckpt["train_config"]["proj_lr_mult"] == 1.0
+    for name in ABLATIONS:                                      # each changes what is trained
+        assert (names[name], terms[name]) != (names["full"], terms["full"]), name
+    assert not any(n.startswith(("slot_queries", "desc_proj", "local_proj")) for n in names["slots"])
+    assert any(n.startswith("slot_queries") for n in names["descriptions"])
+    assert not any(n.startswith("desc_proj") for n in names["descriptions"])
+    assert "kl" not in terms["softened"] and {"loc_s", "loc_t"}.isdisjoint(terms["local"])
+    assert "cv" not in terms["cv"] and "reg" not in terms["reg"] and names["reg"] == names["full"]
