@@ -268,3 +268,37 @@ def test_release_preset_reproduces_the_release_cv_and_kl(preset):
     s_bar = F.normalize(out.cv_slots, dim=-1).mean(1)
     z_bar = F.normalize(out.cv_tokens, dim=-1).mean(1)
     assert max(abs(x) for row in sim for x in row) > (s_bar @ z_bar.t()).abs().max().item()
+
+
+# ---- views --------------------------------------------------------------------------------------
+def test_random_view_sampling_feeds_one_present_view_per_step_and_evaluation_all():
+    from transformers import BertTokenizer
+
+    from leccr_core.data import (DataConfig, ItemRecord, PairRecord, TrainDataset, _descriptions_row,
+                                 collate_train)
+
+    from .tiny import VOCAB
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
+    items = [ItemRecord("a", "video", "/", "x", ("a dog", None, "the red ball"), features="unused"),
+             ItemRecord("b", "video", "/", "y", ("a cat", "a man", "grass"), features="unused")]
+    pairs = [PairRecord(i % 2, "a dog", "ein hund") for i in range(40)]
+    cfg = DataConfig(views=("v0", "v1", "v2"), view_sampling="random")
+    ds = TrainDataset(items, pairs, tok, cfg, seed=3)
+    chosen = [ds.views_for(0, i, items[p.item]) for i, p in enumerate(pairs)]
+    assert all(len(c) == 1 for c in chosen)
+    assert {c[0] for c, p in zip(chosen, pairs) if p.item == 0} == {0, 2}         # never the missing view
+    assert {c[0] for c, p in zip(chosen, pairs) if p.item == 1} == {0, 1, 2}
+    assert chosen == [ds.views_for(0, i, items[p.item]) for i, p in enumerate(pairs)]   # deterministic
+    assert chosen != [ds.views_for(1, i, items[p.item]) for i, p in enumerate(pairs)]   # redrawn per epoch
+    every = TrainDataset(items, pairs, tok, DataConfig(views=cfg.views), seed=3)
+    assert every.views_for(0, 0, items[0]) == [0, 1, 2]
+    rows = []
+    for i in range(2):                                  # rows without media: the description part only
+        row = {"visual": torch.zeros(2, D), "item": pairs[i].item, "src": [2, 3], "tgt": [2, 3]}
+        _descriptions_row(row, pairs[i].item, items[pairs[i].item], ds.views_for(0, i, items[pairs[i].item]),
+                          tok, cfg, None)
+        rows.append(row)
+    assert collate_train(rows)["desc_ids"].dim() == 2                   # one view: [B, L]
+    ev_row = {"visual": torch.zeros(2, D)}
+    _descriptions_row(ev_row, 1, items[1], range(3), tok, cfg, None)      # what ItemDataset feeds
+    assert len(ev_row["desc"]) == 3                                       # evaluation: every view
