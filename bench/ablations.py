@@ -27,9 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.docs_section import markers, replace_section  # noqa: E402
 OUT = ROOT / "bench" / "out"
-DOCS = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench/ablations.py: begin -->", "<!-- bench/ablations.py: end -->"
 VARIANTS = ("full", "no_softened_matching", "no_slots", "no_descriptions")
 
 
@@ -81,7 +81,7 @@ def render(res: dict) -> str:
     c = res["chance"]
     order = " > ".join(f"{v} ({m:.1f})" for v, m in sorted(means.items(), key=lambda kv: -kv[1]))
     return "\n".join([
-        BEGIN, "## synthetic ablations (train)", "",
+        "## synthetic ablations (train)", "",
         "_Written by `bench/ablations.py`; reported, not asserted._", "",
         f"Synthetic German workdir (400 train / 50 val / 100 test drawn scenes, 2 captions each; data seed "
         f"{res['data_seed']}), tiny random encoders (2 layers x 64), {res['steps']} steps of batch 32 at lr 5e-4 per "
@@ -91,20 +91,7 @@ def render(res: dict) -> str:
         f"Chance (random scores on the same split, 500 draws): test t2v R@1 {c['test']['t2v_r1_mean']:.1f}, test "
         f"R@sum mean {c['test']['rsum_mean']:.1f} (99th percentile {c['test']['rsum_p99']:.1f}); val R@sum mean "
         f"{c['val']['rsum_mean']:.1f} (99th percentile {c['val']['rsum_p99']:.1f}).", "",
-        f"Order by mean test R@sum: {order}.",
-        END])
-
-
-def write_docs(section: str) -> None:
-    text = DOCS.read_text(encoding="utf-8")
-    if BEGIN in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + section + text[b:]
-    else:
-        marker = "<!-- bench/train.py: end -->"
-        at = text.index(marker) + len(marker) if marker in text else len(text)
-        text = text[:at] + "\n\n" + section + text[at:]
-    DOCS.write_text(text, encoding="utf-8")
+        f"Order by mean test R@sum: {order}.", ""])
 
 
 def main() -> None:
@@ -126,7 +113,7 @@ def main() -> None:
     section = render(res)
     print(section)
     if not args.no_docs:
-        write_docs(section)
+        replace_section("ablations.py", section, after=markers("train.py")[1])
 
 
 if __name__ == "__main__":

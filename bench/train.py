@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "bench" / "out"
 DOCS = ROOT / "docs" / "benchmarks.md"
 sys.path.insert(0, str(ROOT))   # leccr_core from this checkout, installed or not
+from bench.docs_section import replace_section  # noqa: E402
 
 # The paper's dimensions (docs: leccr-method.md).
 PAPER = dict(clip_layers=12, clip_width=768, clip_heads=12, clip_mlp=3072, patch=32, image=384, proj=512,
@@ -455,15 +456,7 @@ def render_section(payloads: list[dict]) -> str:
 
 def update_docs(section: str) -> None:
     """Rewrite the '## train' section of docs/benchmarks.md, keeping every other section."""
-    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else DOCS_HEADER
-    begin, end = "<!-- bench/train.py: begin -->", "<!-- bench/train.py: end -->"
-    block = f"{begin}\n## train\n\n_Written by `bench/train.py`._\n\n{section}{end}"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text, encoding="utf-8")
+    replace_section("train.py", f"## train\n\n_Written by `bench/train.py`._\n\n{section}", header=DOCS_HEADER)
 
 
 def docs_payloads(extra: list[Path]) -> list[dict]:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
+from bench.docs_section import replace_section  # noqa: E402
 
 for _key, _value in {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1",
                      "VLLM_CACHE_ROOT": "/tmp/vllm-cache-bench"}.items():
@@ -413,15 +414,7 @@ How to run (from the repository root):
 
 def update_docs(section: str) -> None:
     """Rewrite the '## translate' section of docs/benchmarks.md, keeping every other section."""
-    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else DOCS_HEADER
-    begin, end = "<!-- bench/translate.py: begin -->", "<!-- bench/translate.py: end -->"
-    block = f"{begin}\n## translate\n\n_Written by `bench/translate.py`._\n\n{section}{end}"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text, encoding="utf-8")
+    replace_section("translate.py", f"## translate\n\n_Written by `bench/translate.py`._\n\n{section}", header=DOCS_HEADER)
 
 
 def main() -> None:
