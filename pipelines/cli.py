@@ -121,9 +121,10 @@ def describe(
     executor: str = typer.Option("ray", help="ray, or local: one engine in this process without Ray (tiny runs)."),
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster (default: a local Ray)."),
     num_engines: Optional[int] = typer.Option(None, help="Engine actors (default: one per GPU / TP group, else 1)."),
-    batch_size: int = typer.Option(32, help="Requests per engine call."),
-    calls_in_flight: int = typer.Option(8, help="Engine calls per actor at once (vllm, openai): with --batch-size, "
-                                                "the window of requests kept in flight."),
+    batch_size: int = typer.Option(32, help="Requests per dispatch to an engine (and per load task)."),
+    max_in_flight: Optional[int] = typer.Option(None, help="Requests kept in flight per engine (vllm, openai); "
+                                                           "default: twice what it runs at once (vLLM's "
+                                                           "max_num_seqs, --concurrency)."),
     rows_per_file: int = typer.Option(2048, help="Rows per output Parquet file (the unit of resume)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the end summary as JSON here."),
@@ -158,7 +159,7 @@ def describe(
         cfg = stage.DescribeConfig(workdir=workdir, engine=engine_cfg, views=chosen, media=media, ingest=ingest_cfg,
                                    limit=limit, dry_run=dry_run, overwrite=overwrite, max_error_rate=max_error_rate,
                                    ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
-                                   batch_size=batch_size, calls_in_flight=calls_in_flight,
+                                   batch_size=batch_size, max_in_flight=max_in_flight,
                                    rows_per_file=rows_per_file, progress=progress)
     except (TypeError, ValueError) as err:
         _fail(EXIT_BAD_INPUT, f"bad option: {err}")
@@ -245,9 +246,10 @@ def translate(
     executor: str = typer.Option("ray", help="ray, or local: one engine in this process without Ray (tiny runs)."),
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster (default: a local Ray)."),
     num_engines: Optional[int] = typer.Option(None, help="Engine actors (default: one per GPU, else 1)."),
-    batch_size: int = typer.Option(64, help="Distinct strings per engine call."),
-    calls_in_flight: int = typer.Option(8, help="Engine calls per actor at once (vllm, openai): with --batch-size, "
-                                                "the window of requests kept in flight."),
+    batch_size: int = typer.Option(64, help="Distinct strings per dispatch to an engine."),
+    max_in_flight: Optional[int] = typer.Option(None, help="Requests kept in flight per engine (vllm, openai); "
+                                                           "default: twice what it runs at once (vLLM's "
+                                                           "max_num_seqs, --concurrency)."),
     rows_per_file: int = typer.Option(4096, help="Rows per output Parquet file (the unit of resume)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the end summary as JSON here."),
@@ -286,7 +288,7 @@ def translate(
                                     score_against=refs, max_source_chars=max_source_chars, limit=limit,
                                     dry_run=dry_run, overwrite=overwrite, max_error_rate=max_error_rate,
                                     ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
-                                    batch_size=batch_size, calls_in_flight=calls_in_flight,
+                                    batch_size=batch_size, max_in_flight=max_in_flight,
                                     rows_per_file=rows_per_file, progress=progress)
     except (OSError, TypeError, ValueError) as err:   # UnknownLanguageError is a ValueError
         _fail(EXIT_BAD_INPUT, str(err))

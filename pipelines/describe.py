@@ -1,8 +1,9 @@
 """The describe stage: detailed MLLM descriptions of every item, one row per (item, view).
 
-Data flow (Ray Data, streaming): manifest rows still to do -> `load_batch` on CPU tasks (safe
-decode, EXIF, RGB, bounded pixels; video frames with decord) -> `describe_batch` on engine
-actors (one engine each; one per GPU) -> the driver, which adds provenance and writes Parquet
+Data flow (the shared runner, pipelines/runner.py): manifest rows still to do -> `load_batch`
+on CPU tasks (safe decode, EXIF, RGB, bounded pixels; video frames with decord) ->
+`describe_stream` on engine actors (one engine each; one per GPU), which hands back each row
+as soon as its request finishes -> the driver, which adds provenance and writes Parquet
 files under names derived from their row keys, atomically. A rerun reads the keys already
 written (item, view, fingerprint) and only does the rest, so a killed run resumes with every
 row exactly once, and a changed model/prompt/sampling (a new fingerprint) never reuses text.
@@ -25,13 +26,11 @@ import pyarrow as pa
 
 import schemas
 from pipelines import ids, store
-from pipelines.engines.base import DescribeRequest, EngineConfig, FatalEngineError, make_describer
+from pipelines.engines.base import DescribeRequest, EngineConfig, make_describer, results_as_completed
 from pipelines.ingest import IngestConfig, IngestReport
 from pipelines.media import MediaConfig, MediaError, decode_pixels, encode_pixels, load_media
 from pipelines.progress import progress_bar, steady_rate
-from pipelines.ray_utils import init_ray
-from pipelines.runner import (EngineStep, calls_in_flight, enforce_error_rate, engine_resources, stream_locally,
-                              stream_through_engines)
+from pipelines.runner import EngineStep, enforce_error_rate, stream
 from pipelines.shards import KeyedWriter, written_keys
 
 
@@ -71,8 +70,8 @@ class DescribeConfig:
     num_engines: int | None = None         # None: one per GPU (tensor-parallel aware), else 1
     engine_num_cpus: float = 1.0
     load_num_cpus: float = 0.5             # fractional: on 2 cores whole CPUs starve the engine
-    batch_size: int = 32                   # requests per engine call
-    calls_in_flight: int = 8               # engine calls per actor at once (streaming engines): the window
+    batch_size: int = 32                   # requests per dispatch to an engine (and per load task)
+    max_in_flight: int | None = None       # requests owed per engine; None: 2x what it runs at once
     rows_per_file: int = 2048
     progress: bool = True
 
@@ -167,8 +166,9 @@ def load_batch(items: list[dict], media_cfg: MediaConfig) -> list[dict]:
     return out
 
 
-def describe_batch(describer: Any, loaded: list[dict], views: dict[str, View]) -> list[dict]:
-    """Expand loaded items into one request per view, run them, and return output rows."""
+def describe_stream(describer: Any, loaded: list[dict], views: dict[str, View]) -> Iterator[list[dict]]:
+    """Expand loaded items into one request per view, run them, and yield output rows as their
+    requests finish (rows of items that failed to load first)."""
     rows, requests, slots = [], [], []
     for item in loaded:
         # decoded once per item: its views' requests share this array (engines encode it once)
@@ -177,21 +177,25 @@ def describe_batch(describer: Any, loaded: list[dict], views: dict[str, View]) -
         geometry = {"n_frames": (pixels.shape[0] if video else 1) if pixels is not None else None,
                     "height": pixels.shape[-3] if pixels is not None else None,
                     "width": pixels.shape[-2] if pixels is not None else None}
-        for name in item["views"].split(","):
+        for name in item["views"].split(","):   # an item's views go out together: shared prefix
             row = {"item_id": item["item_id"], "view": name, "media_type": item["media_type"], **geometry,
                    "error_kind": item["error_kind"], "error": item["error"]}
-            rows.append(row)
-            if pixels is not None:
+            if pixels is None:
+                rows.append(row)
+            else:
                 requests.append(DescribeRequest(views[name].prompt_for(item["media_type"]), item["media_type"], pixels))
                 slots.append(row)
-    results = describer.describe(requests) if requests else []
-    if len(results) != len(requests):  # a broken engine contract must not silently drop rows
-        raise FatalEngineError(f"the engine returned {len(results)} results for {len(requests)} requests")
-    for row, result in zip(slots, results):
-        row.update(text=result.text, prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens,
-                   finish_reason=result.finish_reason, latency_s=result.latency_s,
-                   error_kind=result.error_kind, error=result.error)
-    return rows
+    if rows:
+        yield rows
+    for chunk in results_as_completed(describer, requests, describer.describe):
+        done = []
+        for index, result in chunk:
+            row = slots[index]
+            row.update(text=result.text, prompt_tokens=result.prompt_tokens, output_tokens=result.output_tokens,
+                       finish_reason=result.finish_reason, latency_s=result.latency_s,
+                       error_kind=result.error_kind, error=result.error)
+            done.append(row)
+        yield done
 
 
 # --------------------------------------------------------------------------- planning
@@ -302,7 +306,7 @@ def _ingest_error_rows(items: list[dict]) -> list[dict]:
             for i in items for name in i["views"].split(",")]
 
 
-# --------------------------------------------------------------------------- Ray plumbing
+# --------------------------------------------------------------------------- engine plumbing
 
 _LOADED = pa.schema([("item_id", pa.string()), ("views", pa.string()), ("media_type", pa.string()),
                      ("pixels", pa.large_binary()), ("shape", pa.list_(pa.int64())),
@@ -312,38 +316,21 @@ _ENGINE_OUT = pa.schema([f for f in schemas.DESCRIPTIONS if f.name in {
     "prompt_tokens", "output_tokens", "latency_s", "error_kind", "error"}])
 
 
-def _load_block(batch: pa.Table, media_cfg: MediaConfig) -> pa.Table:
-    return pa.Table.from_pylist(load_batch(batch.to_pylist(), media_cfg), schema=_LOADED)
-
-
 def _stream_rows(cfg: DescribeConfig, items: list[dict], writer: DescriptionWriter, advance,
                  report: DescribeReport, started: float) -> None:
-    """Run load -> engine and write results as they stream in."""
-    for rows in _engine_outputs(cfg, items):
-        if not report.first_batch_rows:
-            report.startup_s, report.first_batch_rows = time.perf_counter() - started, len(rows)
-        writer.add(rows)
-        advance(len(rows))
-
-
-def _engine_outputs(cfg: DescribeConfig, items: list[dict]) -> Iterator[list[dict]]:
+    """Run load -> engine through the shared runner and write results as they stream in."""
     rows = [{k: i[k] for k in ("item_id", "views", "media_type", "root", "relpath")} for i in items]
     # batch_size counts engine requests; an item becomes one request per view
-    items_per_call = max(1, cfg.batch_size // len(cfg.views))
+    items_per_batch = max(1, cfg.batch_size // len(cfg.views))
     step = EngineStep(make_engine=partial(make_describer, cfg.engine),
-                      batch_fn=partial(describe_batch, views={v.name: v for v in cfg.views}),
-                      out_schema=_ENGINE_OUT, batch_size=items_per_call, num_cpus=cfg.engine_num_cpus,
-                      calls_in_flight=calls_in_flight(make_describer(cfg.engine), cfg.engine,
-                                                      items_per_call * len(cfg.views), cfg.calls_in_flight))
-    if cfg.executor == "local":
-        batches = (rows[i:i + items_per_call] for i in range(0, len(rows), items_per_call))
-        yield from stream_locally(batches, step, prepare=partial(load_batch, media_cfg=cfg.media))
-        return
-    ray = init_ray(cfg.ray_address)
-    n_engines, gpus = engine_resources(cfg.engine, cfg.num_engines, ray.cluster_resources())
-    items_per_load = max(1, min(items_per_call, 16))
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // items_per_load, 1024)))
-    ds = ds.map_batches(_load_block, fn_kwargs={"media_cfg": cfg.media}, batch_format="pyarrow",
-                        batch_size=items_per_load, num_cpus=cfg.load_num_cpus)
-    for table in stream_through_engines(ray, ds, step, n_engines, gpus):
-        yield table.to_pylist()
+                      stream_fn=partial(describe_stream, views={v.name: v for v in cfg.views}),
+                      out_schema=_ENGINE_OUT, batch_size=items_per_batch, outputs_per_input=len(cfg.views),
+                      max_in_flight=cfg.max_in_flight, num_cpus=cfg.engine_num_cpus,
+                      prepare=partial(load_batch, media_cfg=cfg.media), prepare_schema=_LOADED,
+                      prepare_num_cpus=cfg.load_num_cpus)
+    for out in stream(rows, step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,
+                      num_engines=cfg.num_engines):
+        if not report.first_batch_rows:
+            report.startup_s, report.first_batch_rows = time.perf_counter() - started, len(out)
+        writer.add(out)
+        advance(len(out))

