@@ -16,7 +16,6 @@ import hashlib
 import shutil
 import time
 import tomllib
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,8 +28,8 @@ from pipelines import ids, store
 from pipelines.engines.base import DescribeRequest, EngineConfig, make_describer, results_as_completed
 from pipelines.ingest import IngestConfig, IngestReport
 from pipelines.media import MediaConfig, MediaError, decode_pixels, encode_pixels, load_media
-from pipelines.progress import progress_bar, steady_rate
-from pipelines.runner import EngineStep, enforce_error_rate, stream
+from pipelines.progress import progress_bar
+from pipelines.runner import EngineStep, StreamReport, enforce_error_rate, stream, write_as_they_come
 from pipelines.shards import KeyedWriter, written_keys
 
 
@@ -77,30 +76,16 @@ class DescribeConfig:
 
 
 @dataclass
-class DescribeReport:
+class DescribeReport(StreamReport):
     items_total: int = 0
     items_planned: int = 0
     rows_done_before: int = 0
     rows_todo: int = 0
-    rows_written: int = 0
-    errors: Counter = field(default_factory=Counter)
     prompt_tokens: int = 0
     output_tokens: int = 0
-    wall_s: float = 0.0
-    startup_s: float = 0.0                 # until the first engine batch came back (engine start etc.)
-    first_batch_rows: int = 0
     ingest: IngestReport | None = None
     fingerprints: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
-
-    @property
-    def error_rows(self) -> int:
-        return sum(self.errors.values())
-
-    @property
-    def rows_per_s(self) -> float:
-        """Steady throughput (see progress.steady_rate)."""
-        return steady_rate(self.rows_written, self.first_batch_rows, self.wall_s, self.startup_s)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -245,7 +230,8 @@ class DescriptionWriter:
                                key=lambda r: f"{r['item_id']}/{r['view']}/{r['fingerprint']}",
                                rows_per_file=cfg.rows_per_file)
 
-    def add(self, rows: Iterable[dict]) -> None:
+    def add(self, rows: Iterable[dict]) -> int:
+        """Add engine rows; returns how many."""
         now = dt.datetime.now(dt.timezone.utc)
         full = []
         for row in rows:
@@ -260,6 +246,7 @@ class DescriptionWriter:
             self.report.output_tokens += row.get("output_tokens") or 0
         self.out.add(full)
         self.report.rows_written = self.out.rows_written
+        return len(full)
 
     def flush(self) -> None:
         self.out.flush()
@@ -289,10 +276,10 @@ def run(cfg: DescribeConfig) -> DescribeReport:
         writer = DescriptionWriter(cfg, revision, report.fingerprints, report)
         with progress_bar("describe", plan.rows_todo, cfg.progress) as advance:
             try:
-                writer.add(_ingest_error_rows(plan.ingest_errors))
-                advance(sum(len(i["views"].split(",")) for i in plan.ingest_errors))
+                rows_before = writer.add(_ingest_error_rows(plan.ingest_errors))
+                advance(rows_before)
                 if plan.items:
-                    _stream_rows(cfg, plan.items, writer, advance, report, started)
+                    _stream_rows(cfg, plan.items, writer, advance, report, started, rows_before)
             finally:
                 writer.flush()  # whatever completed is kept, also on a fatal error
     report.wall_s = time.perf_counter() - started
@@ -317,7 +304,7 @@ _ENGINE_OUT = pa.schema([f for f in schemas.DESCRIPTIONS if f.name in {
 
 
 def _stream_rows(cfg: DescribeConfig, items: list[dict], writer: DescriptionWriter, advance,
-                 report: DescribeReport, started: float) -> None:
+                 report: DescribeReport, started: float, rows_before: int) -> None:
     """Run load -> engine through the shared runner and write results as they stream in."""
     rows = [{k: i[k] for k in ("item_id", "views", "media_type", "root", "relpath")} for i in items]
     # batch_size counts engine requests; an item becomes one request per view
@@ -328,9 +315,6 @@ def _stream_rows(cfg: DescribeConfig, items: list[dict], writer: DescriptionWrit
                       max_in_flight=cfg.max_in_flight, num_cpus=cfg.engine_num_cpus,
                       prepare=partial(load_batch, media_cfg=cfg.media), prepare_schema=_LOADED,
                       prepare_num_cpus=cfg.load_num_cpus)
-    for out in stream(rows, step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,
-                      num_engines=cfg.num_engines):
-        if not report.first_batch_rows:
-            report.startup_s, report.first_batch_rows = time.perf_counter() - started, len(out)
-        writer.add(out)
-        advance(len(out))
+    results = stream(rows, step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,
+                     num_engines=cfg.num_engines)
+    write_as_they_come(results, writer.add, advance, report, started, rows_before=rows_before)

