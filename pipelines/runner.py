@@ -65,6 +65,7 @@ class StreamReport:
     wall_s: float = 0.0
     startup_s: float = 0.0                 # until the first engine results came back (engine start etc.)
     first_batch_rows: int = 0              # rows written by then (those and earlier error rows)
+    last_rows_s: float = 0.0               # until the last engine results came back (engine shutdown excluded)
 
     @property
     def error_rows(self) -> int:
@@ -72,8 +73,8 @@ class StreamReport:
 
     @property
     def rows_per_s(self) -> float:
-        """Steady throughput (see progress.steady_rate)."""
-        return steady_rate(self.rows_written, self.first_batch_rows, self.wall_s, self.startup_s)
+        """Steady throughput (see progress.steady_rate), from the first engine results to the last."""
+        return steady_rate(self.rows_written, self.first_batch_rows, self.last_rows_s or self.wall_s, self.startup_s)
 
 
 def write_as_they_come(chunks: Iterator[list[dict]], add: Callable[[list[dict]], int],
@@ -84,8 +85,9 @@ def write_as_they_come(chunks: Iterator[list[dict]], add: Callable[[list[dict]],
     the `rows_before` it (error rows that needed no engine)."""
     for chunk in chunks:
         rows = add(chunk)
+        report.last_rows_s = time.perf_counter() - started
         if not report.first_batch_rows:
-            report.startup_s, report.first_batch_rows = time.perf_counter() - started, rows_before + rows
+            report.startup_s, report.first_batch_rows = report.last_rows_s, rows_before + rows
         advance(rows)
 
 
