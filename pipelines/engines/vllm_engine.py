@@ -32,9 +32,12 @@ class StreamingLLM:
         vllm = require("vllm", "vllm")
         self.loop = EngineLoop()
         s = self.cfg.sampling
+        # FINAL_ONLY, as vLLM's offline LLM does: AsyncLLM's default (CUMULATIVE, for streaming
+        # servers) builds an output for every running request at every step, which we never read
+        from vllm.sampling_params import RequestOutputKind
         self.params = vllm.SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
                                           seed=s.seed, repetition_penalty=s.repetition_penalty,
-                                          ignore_eos=s.ignore_eos)
+                                          ignore_eos=s.ignore_eos, output_kind=RequestOutputKind.FINAL_ONLY)
         # built on the loop, so that the engine's output handler task lives there
         self.engine = self.loop.run(self._build(vllm))
 
@@ -108,6 +111,7 @@ class VllmDescriber:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.llm: StreamingLLM | None = None
+        self.prompts: dict[tuple, str] = {}
 
     def setup(self) -> None:
         require("vllm", "vllm")
@@ -131,13 +135,20 @@ class VllmDescriber:
         assert self.llm is not None, "setup() first"
         return 2 * self.llm.max_num_seqs
 
+    def _prompt(self, text: str, media_type: str, n_frames: int) -> str:
+        """The chat-templated prompt; rendered once per (view, media shape), not per request."""
+        key = (text, media_type, n_frames)
+        if key not in self.prompts:
+            # the media placeholder comes first, the prompt text after it: the views of one item
+            # then share a prefix, which vLLM's prefix and multimodal caches reuse
+            content = chat_content(text, media_type, n_frames, self.native_video)
+            self.prompts[key] = self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                                   add_generation_prompt=True, tokenize=False)
+        return self.prompts[key]
+
     def _engine_input(self, request: DescribeRequest) -> dict:
-        # the media placeholder comes first, the prompt text after it: the views of one item
-        # then share a prefix, which vLLM's prefix and multimodal caches reuse
         frames = frames_of(request)
-        content = chat_content(request.prompt, request.media_type, len(frames), self.native_video)
-        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                    add_generation_prompt=True, tokenize=False)
+        prompt = self._prompt(request.prompt, request.media_type, len(frames))
         if request.media_type == "video" and self.native_video:
             data: dict[str, Any] = {"video": request.pixels}          # (T, H, W, 3) uint8
         elif request.media_type == "video":
