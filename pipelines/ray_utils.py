@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
+from pipelines.engines.base import FatalEngineError
+
+
+class RayUnreachableError(FatalEngineError):
+    """The Ray cluster named by --ray-address / RAY_ADDRESS does not answer: nothing can run."""
+
 
 def init_ray(address: str | None) -> Any:
-    """Connect to the given Ray cluster (or RAY_ADDRESS), else start a private local one."""
+    """Connect to the given Ray cluster (or RAY_ADDRESS), else start a private local one.
+
+    Without an address Ray itself would join any cluster started on this machine with `ray
+    start` (its temp folder's `ray_current_cluster` file) and hang on GCS time-outs when that
+    cluster is dead: `address="local"` always starts our own. A named cluster that does not
+    answer fails within seconds (RayUnreachableError) instead of hanging."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         # Read by Ray at import time. A private local cluster: token auth protects shared
@@ -22,13 +34,35 @@ def init_ray(address: str | None) -> Any:
     import ray
     if ray.is_initialized():
         return ray
+    if address:
+        check_reachable(address)
     env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "OMP_", "TRANSFORMERS_"))}
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False       # our own bar reports rows, not Ray's operators
     ctx.print_on_execution_start = False
     return ray
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A TCP connection to the cluster's GCS (for "auto": the address Ray would read from its
+    temp folder), or RayUnreachableError naming the address. Ray Client (ray://) is left to Ray."""
+    if address.startswith("ray://") or address == "local":
+        return
+    target = address
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+        try:
+            target = canonicalize_bootstrap_address(address, None)
+        except Exception as err:  # noqa: BLE001 - e.g. no running cluster recorded
+            raise RayUnreachableError(f"--ray-address auto: no Ray cluster found on this machine ({err})") from None
+    host, _, port = (target or "").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as err:
+        raise RayUnreachableError(f"the Ray cluster at {address} does not answer ({target}: {err}); start it, "
+                                  f"or leave --ray-address and RAY_ADDRESS unset for a private local Ray") from None
 
 
 def root_cause(err: BaseException) -> str:
