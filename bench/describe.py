@@ -158,12 +158,17 @@ def build_model(out: Path, eos_norm: float | None = None) -> Path:
     base = build_tiny_qwen2_vl(out / "tiny-qwen2-vl")
     if eos_norm is None:
         return base
-    target = out / f"tiny-qwen2-vl-eos{eos_norm:g}"
+    return scale_eos(base, out / f"tiny-qwen2-vl-eos{eos_norm:g}", eos_norm)
+
+
+def scale_eos(base: Path, target: Path, eos_norm: float) -> Path:
+    """A copy of the model folder `base` at `target` whose lm_head row of the EOS token has norm
+    `eos_norm` (built once; reused when it exists)."""
     if (target / "model.safetensors").exists():
         return target
     import torch
     from safetensors.torch import load_file, save_file
-    tmp = out / f".{target.name}.tmp"
+    tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(base, tmp)
     eos = json.loads((base / "config.json").read_text())
@@ -183,16 +188,26 @@ def build_model(out: Path, eos_norm: float | None = None) -> Path:
 def tree_cpu_s() -> float:
     """CPU seconds (user + system) of this process and its live descendants: vLLM's engine
     processes, the local Ray cluster, the video decoder helper."""
+    return sum(tree_cpu_by_pid().values())
+
+
+def tree_cpu_by_pid(pid: int | None = None) -> dict[int, float]:
+    """pid -> CPU seconds (user + system) of process `pid` (default: this one) and each of its
+    live descendants; empty when it is gone."""
     import psutil
-    total = 0.0
-    me = psutil.Process()
-    for process in [me, *me.children(recursive=True)]:
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return {}
+    out = {}
+    for process in processes:
         try:
             times = process.cpu_times()
-            total += times.user + times.system
+            out[process.pid] = times.user + times.system
         except psutil.Error:
             pass
-    return total
+    return out
 
 
 class CpuWindow:

@@ -1,0 +1,281 @@
+"""Pipeline ceiling of the describe stage: rows/s and rows per CPU-second of the stage's own
+processes (load, resize, JPEG encode, HTTP, write) against an OpenAI-compatible endpoint that
+answers instantly, so that nothing but the stage limits the rate. It says how many GPUs one CPU
+node can feed: a node with K cores feeds about K x (rows per CPU-second) rows/s.
+
+    .venv/bin/python bench/ceiling.py [--images 512] [--concurrency 32] [--repeats 1]
+        [--cases 1view,5views] [--routes endpoint-max,stage,stage-local] [--quick] [--no-docs]
+
+The endpoint (`--serve`, in this file) runs in its OWN process, started by the parent, so its CPU
+is never counted as the stage's: a minimal asyncio HTTP/1.1 server with keep-alive that reads the
+request, counts its image parts and answers a fixed completion (8 tokens) at once. Routes, each in
+a fresh process (the same code as bench/describe_openai.py):
+- endpoint-max: the plain asyncio/httpx client (semaphore of C) sending the same pre-encoded
+  requests as fast as it can: the endpoint's rate with that client (a lower bound of the
+  endpoint's own ceiling: on a small machine the client is the limit). It must be well above
+  the stage's rate, and the endpoint's CPU share during the stage runs shows its headroom.
+- stage / stage-local: `describe.run(engine="openai", concurrency=C)` on a local Ray / with
+  executor="local", over N COCO-sized JPEGs (640x480, bench/describe.py `make_images`).
+Rows per CPU-second: rows of the steady window (after the first results) over the CPU seconds of
+the stage's process tree (driver, Ray's processes and workers) in that window.
+
+Results: a markdown table on stdout, the "describe: pipeline ceiling" section of
+docs/benchmarks.md and the raw numbers in <out>/ceiling-results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
+
+from bench import describe_openai  # noqa: E402
+from bench.common import add_run_args, finish, plain_client_run, run_child  # noqa: E402
+from bench.describe import machine, make_images  # noqa: E402
+from bench.docs_section import replace_section  # noqa: E402
+
+CASES = describe_openai.CASES
+ROUTES = ("endpoint-max", "stage", "stage-local")
+ROUTE_LABELS = {"endpoint-max": "plain httpx client (endpoint's rate)", "stage": "stage (Ray)",
+                "stage-local": "stage (executor local)"}
+MODEL = "instant-endpoint"
+ANSWER_TOKENS = 8
+ENDPOINT_MAX_REQUESTS = 3000   # at least this many requests for the endpoint's rate (the payloads repeated)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    describe_openai.add_endpoint_args(parser)
+    add_run_args(parser, CASES, ROUTES, ROOT / "bench" / "out")
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)   # the endpoint process
+    args = parser.parse_args()
+    if args.quick:   # a smoke run: a few minutes
+        args.images, args.cases, args.no_docs = 64, "1view", True
+    return args
+
+
+# --------------------------------------------------------------------------- the instant endpoint
+
+_COMPLETION = json.dumps({
+    "id": "chatcmpl-instant", "object": "chat.completion", "created": 0, "model": MODEL,
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "a b c d e f g h"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 100, "completion_tokens": ANSWER_TOKENS, "total_tokens": 100 + ANSWER_TOKENS}}).encode()
+_MODELS = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]}).encode()
+
+
+def serve(port: int) -> None:
+    """Answer every chat request at once with a fixed completion. No JSON parsing (only a count
+    of image parts, a byte search), so the endpoint costs as little CPU per request as it can."""
+    stats = {"requests": 0, "images": 0, "bytes": 0}
+
+    def response(status: str, body: bytes) -> bytes:
+        return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                .encode() + body)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:   # keep-alive: requests one after another on this connection
+                head = await reader.readuntil(b"\r\n\r\n")
+                request_line, *header_lines = head.decode("latin-1").split("\r\n")
+                length = 0
+                for line in header_lines:
+                    if line.lower().startswith("content-length:"):
+                        length = int(line.split(":", 1)[1])
+                body = await reader.readexactly(length) if length else b""
+                method, path = request_line.split(" ")[:2]
+                if method == "POST" and path.rstrip("/").endswith("/chat/completions"):
+                    stats["requests"] += 1
+                    stats["images"] += body.count(b'"image_url"') // 2   # {"type": "image_url", "image_url": ...}
+                    stats["bytes"] += len(body)
+                    writer.write(response("200 OK", _COMPLETION))
+                elif path.rstrip("/").endswith("/models"):
+                    writer.write(response("200 OK", _MODELS))
+                elif path == "/stats":
+                    writer.write(response("200 OK", json.dumps(stats).encode()))
+                else:
+                    writer.write(response("200 OK", b"{}"))   # /health
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+class Endpoint:
+    """The instant endpoint in its own process (own session, stopped as a group)."""
+
+    def __enter__(self) -> "Endpoint":
+        from tests.servers import free_port
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", str(self.port)],
+                                        start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.root_url}/health", timeout=2):
+                    return self
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError("the instant endpoint exited at start")
+                time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError("the instant endpoint did not come up within 60 s")
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"{self.root_url}/stats", timeout=10) as response:
+            return json.loads(response.read())
+
+    def __exit__(self, *exc) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------- routes (child processes)
+
+def run_endpoint_max(args: argparse.Namespace, image_dir: Path) -> dict:
+    prompts = [v.prompt_for("image") for v in describe_openai.views_of(args.case)]
+    payloads = describe_openai.chat_payloads(args.model, sorted(image_dir.glob("*.jpg")), prompts)
+    payloads = payloads * -(-ENDPOINT_MAX_REQUESTS // len(payloads))   # long enough to be past the ramp-up
+    result = plain_client_run(args.base_url, payloads, args.concurrency, server_pid=args.server_pid)
+    result.pop("arrival_s")
+    return result | {"route": "endpoint-max"}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    out = args.out.resolve()
+    image_dir = out / f"images-{args.images}"
+    if args.child == "endpoint-max":
+        result = run_endpoint_max(args, image_dir)
+    else:
+        result = describe_openai.run_stage(args, image_dir, out / "ceiling-stage-workdir",
+                                           "ray" if args.child == "stage" else "local")
+    result["case"] = args.case
+    args.child_out.write_text(json.dumps(result) + "\n")
+
+
+# --------------------------------------------------------------------------- parent
+
+def rows_per_cpu_s(run: dict) -> float | None:
+    """Rows per CPU-second of the route's own process tree in its steady window."""
+    if not run.get("own_cpu_s"):
+        return None
+    rows = run["rows"] - run.get("first_batch_rows", 0)
+    return rows / run["own_cpu_s"]
+
+
+def whole_per_cpu(run: dict) -> str:
+    """Rows per CPU-second over the whole run (Ray's and the actors' start-up included)."""
+    value = (run.get("whole_run") or {}).get("rows_per_cpu_s")
+    return "-" if value is None else f"{value:.1f}"
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}; ray {results['ray']}; code measured: {results.get('label') or '-'}. "
+             f"{results['images']} JPEGs 640x480 (q90, ~100 KB) loaded and scaled to <= 224*224 by the stage, sent "
+             f"as JPEG data URLs to an instant OpenAI-compatible endpoint on loopback (its own process: a minimal "
+             f"asyncio HTTP server answering {ANSWER_TOKENS} fixed tokens), {results['concurrency']} requests in "
+             f"flight. Each run in a fresh process. Rows per CPU-second: steady-window rows (after the first "
+             f"results) over the CPU seconds of the route's own process tree (driver, Ray's processes and "
+             f"workers; never the endpoint's); the whole run's figure includes the start-up. The plain client's row "
+             f"sends the same requests, pre-encoded and repeated to {ENDPOINT_MAX_REQUESTS} or more. Others' CPU excludes the "
+             f"endpoint. Command: `{results['command']}`.",
+             "", "| case | round | route | requests | endpoint saw (requests / images) | endpoint CPU | others' CPU "
+             "| our CPU (cores) | rows/s | rows per CPU-second | rows per CPU-second, whole run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in results["runs"]:
+        seen = run.get("endpoint_saw", {})
+        per_cpu = rows_per_cpu_s(run)
+        lines.append(f"| {CASES[run['case']]} | {run['round']} | {ROUTE_LABELS[run['route']]} | {run['rows']} | "
+                     f"{seen.get('requests', '-')} / {seen.get('images', '-')} | {run.get('server_cpu_share', 0):.0%} | "
+                     f"{run.get('foreign_cpu_share', 0):.0%} | {run.get('own_cpu_cores', 0):.2f} | "
+                     f"{run['rows_per_s']:.1f} | {'-' if per_cpu is None else f'**{per_cpu:.1f}**'} | "
+                     f"{whole_per_cpu(run)} |")
+    lines += [""]
+    for key, value in results["summary"].items():
+        case, route = key.split("/")
+        lines.append(f"- {CASES[case]}, {ROUTE_LABELS[route]}: median **{value['rows_per_cpu_s']:.1f} rows per "
+                     f"CPU-second** ({value['rows_per_s']:.1f} rows/s); the endpoint's rate with the plain client: "
+                     f"{value['endpoint_max']:.0f} rows/s.")
+    return "\n".join(lines + [""]) + "\n"
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for key in dict.fromkeys(f"{r['case']}/{r['route']}" for r in runs if r["route"] != "endpoint-max"):
+        case, route = key.split("/")
+        mine = [r for r in runs if r["case"] == case and r["route"] == route]
+        top = [r["rows_per_s"] for r in runs if r["case"] == case and r["route"] == "endpoint-max"]
+        out[key] = {"rows_per_cpu_s": statistics.median(rows_per_cpu_s(r) or 0 for r in mine),
+                    "rows_per_s": statistics.median(r["rows_per_s"] for r in mine),
+                    "endpoint_max": statistics.median(top) if top else float("nan")}
+    return out
+
+
+def update_docs(section: str) -> None:
+    replace_section("ceiling.py", "## describe: pipeline ceiling (instant endpoint)\n\n"
+                    f"_Written by `bench/ceiling.py`._\n\n{section}", after="<!-- bench/describe_openai.py: end -->")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+    if args.child:
+        child_main(args)
+        return
+    import ray
+
+    out = args.out.resolve()
+    make_images(out / f"images-{args.images}", args.images)
+    results: dict = {"machine": machine(), "ray": ray.__version__, "images": args.images,
+                     "command": " ".join(["bench/ceiling.py", *sys.argv[1:]]), "concurrency": args.concurrency,
+                     "label": args.label, "runs": []}
+    with Endpoint() as endpoint:
+        for case in args.cases.split(","):
+            for round_no in range(1, args.repeats + 1):
+                for route in args.routes.split(","):
+                    before = endpoint.stats()
+                    child_args = ["--child", route, "--case", case, "--images", str(args.images), "--out", str(out),
+                                  "--concurrency", str(args.concurrency), "--base-url", f"{endpoint.root_url}/v1",
+                                  "--model", MODEL, "--server-pid", str(endpoint.process.pid)]
+                    run = run_child(Path(__file__).resolve(), child_args, out / f"child-ceiling-{route}.json")
+                    after = endpoint.stats()
+                    run.update(round=round_no, endpoint_saw={k: after[k] - before[k] for k in ("requests", "images")})
+                    results["runs"].append(run)
+                    per_cpu = rows_per_cpu_s(run)
+                    print(f"[{case} {round_no}] {route}: {run['rows']} rows, {run['rows_per_s']:.1f} rows/s, "
+                          f"{per_cpu or 0:.1f} rows per CPU-s, endpoint CPU {run.get('server_cpu_share', 0):.0%}, "
+                          f"saw {run['endpoint_saw']}", flush=True)
+                    (out / "ceiling-results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["summary"] = summarize(results["runs"])
+    finish(results, out / "ceiling-results.json", markdown(results), update_docs, args.no_docs)
+
+
+if __name__ == "__main__":
+    main()

