@@ -16,8 +16,10 @@ a fresh process (the same code as bench/describe_openai.py):
   the stage's rate, and the endpoint's CPU share during the stage runs shows its headroom.
 - stage / stage-local: `describe.run(engine="openai", concurrency=C)` on a local Ray / with
   executor="local", over N COCO-sized JPEGs (640x480, bench/describe.py `make_images`).
-Rows per CPU-second: rows of the steady window (after the first results) over the CPU seconds of
-the stage's process tree (driver, Ray's processes and workers) in that window.
+Rows/s and rows per CPU-second are taken over the steady middle of each run, seen from the
+endpoint (it records each answer's time): from the answer at 10% of the requests to the one at
+90%; rows in it over the CPU seconds of the route's process tree (driver, Ray's processes and
+workers) in it. The whole run's figure (start-up included) is shown too.
 
 Results: a markdown table on stdout, the "describe: pipeline ceiling" section of
 docs/benchmarks.md and the raw numbers in <out>/ceiling-results.json.
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
 from bench import describe_openai  # noqa: E402
-from bench.common import add_run_args, finish, plain_client_run, run_child  # noqa: E402
+from bench.common import Timeline, add_run_args, finish, plain_client_run, run_child  # noqa: E402
 from bench.describe import machine, make_images  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 
@@ -77,7 +79,7 @@ _MODELS = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"
 def serve(port: int) -> None:
     """Answer every chat request at once with a fixed completion. No JSON parsing (only a count
     of image parts, a byte search), so the endpoint costs as little CPU per request as it can."""
-    stats = {"requests": 0, "images": 0, "bytes": 0}
+    stats: dict = {"requests": 0, "images": 0, "bytes": 0, "answered_at": []}   # epoch seconds of each answer
 
     def response(status: str, body: bytes) -> bytes:
         return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -99,9 +101,12 @@ def serve(port: int) -> None:
                     stats["images"] += body.count(b'"image_url"') // 2   # {"type": "image_url", "image_url": ...}
                     stats["bytes"] += len(body)
                     writer.write(response("200 OK", _COMPLETION))
+                    stats["answered_at"].append(time.time())
                 elif path.rstrip("/").endswith("/models"):
                     writer.write(response("200 OK", _MODELS))
                 elif path == "/stats":
+                    if method == "POST":   # a new run: counts and span from zero
+                        stats.update(requests=0, images=0, bytes=0, answered_at=[])
                     writer.write(response("200 OK", json.dumps(stats).encode()))
                 else:
                     writer.write(response("200 OK", b"{}"))   # /health
@@ -117,6 +122,42 @@ def serve(port: int) -> None:
             await server.serve_forever()
 
     asyncio.run(main())
+
+
+def endpoint_stats(root_url: str, reset: bool = False) -> dict:
+    request = urllib.request.Request(f"{root_url}/stats", method="POST" if reset else "GET", data=b"" if reset else None)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+class EndpointSpan:
+    """The steady middle of a run, seen from the endpoint: from its answer at 10% of the run's
+    requests to its answer at 90% (the endpoint records each answer's time; its counts are
+    reset at the start). Ramp-up (Ray, actors, the first loads) and the tail stay outside, on
+    both ends, so rows per CPU-second in it is the pipeline's steady cost per row."""
+
+    def __init__(self, root_url: str) -> None:
+        self.root_url = root_url
+
+    def __enter__(self) -> "EndpointSpan":
+        endpoint_stats(self.root_url, reset=True)
+        self.offset = time.time() - time.perf_counter()   # epoch -> this process's perf_counter
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stats = endpoint_stats(self.root_url)
+        times = sorted(self.stats.pop("answered_at"))
+        self.first, self.last = int(0.1 * len(times)), int(0.9 * len(times)) - 1
+        self.times = times
+
+    def span(self) -> tuple[float, float]:
+        return self.times[self.first] - self.offset, self.times[self.last] - self.offset
+
+    def summary(self, rows: int) -> dict:
+        t0, t1 = self.span()
+        window_rows = self.last - self.first
+        return {"busy_s": t1 - t0, "window_rows": window_rows, "rows_per_busy_s": window_rows / (t1 - t0),
+                "server_in_flight": None, "endpoint_saw": {k: self.stats[k] for k in ("requests", "images")}}
 
 
 class Endpoint:
@@ -144,8 +185,7 @@ class Endpoint:
         return f"http://127.0.0.1:{self.port}"
 
     def stats(self) -> dict:
-        with urllib.request.urlopen(f"{self.root_url}/stats", timeout=10) as response:
-            return json.loads(response.read())
+        return endpoint_stats(self.root_url)
 
     def __exit__(self, *exc) -> None:
         try:
@@ -161,9 +201,9 @@ def run_endpoint_max(args: argparse.Namespace, image_dir: Path) -> dict:
     prompts = [v.prompt_for("image") for v in describe_openai.views_of(args.case)]
     payloads = describe_openai.chat_payloads(args.model, sorted(image_dir.glob("*.jpg")), prompts)
     payloads = payloads * -(-ENDPOINT_MAX_REQUESTS // len(payloads))   # long enough to be past the ramp-up
-    result = plain_client_run(args.base_url, payloads, args.concurrency, server_pid=args.server_pid)
-    result.pop("arrival_s")
-    return result | {"route": "endpoint-max"}
+    with Timeline(args.server_pid) as timeline, EndpointSpan(args.base_url.removesuffix("/v1")) as busy:
+        result = plain_client_run(args.base_url, payloads, args.concurrency)
+    return result | busy.summary(result["rows"]) | timeline.window(*busy.span()) | {"route": "endpoint-max"}
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -173,7 +213,7 @@ def child_main(args: argparse.Namespace) -> None:
         result = run_endpoint_max(args, image_dir)
     else:
         result = describe_openai.run_stage(args, image_dir, out / "ceiling-stage-workdir",
-                                           "ray" if args.child == "stage" else "local")
+                                           "ray" if args.child == "stage" else "local", EndpointSpan)
     result["case"] = args.case
     args.child_out.write_text(json.dumps(result) + "\n")
 
@@ -181,11 +221,8 @@ def child_main(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- parent
 
 def rows_per_cpu_s(run: dict) -> float | None:
-    """Rows per CPU-second of the route's own process tree in its steady window."""
-    if not run.get("own_cpu_s"):
-        return None
-    rows = run["rows"] - run.get("first_batch_rows", 0)
-    return rows / run["own_cpu_s"]
+    """Rows per CPU-second of the route's own process tree in the steady middle (EndpointSpan)."""
+    return run["window_rows"] / run["own_cpu_s"] if run.get("own_cpu_s") else None
 
 
 def whole_per_cpu(run: dict) -> str:
@@ -199,8 +236,9 @@ def markdown(results: dict) -> str:
              f"{results['images']} JPEGs 640x480 (q90, ~100 KB) loaded and scaled to <= 224*224 by the stage, sent "
              f"as JPEG data URLs to an instant OpenAI-compatible endpoint on loopback (its own process: a minimal "
              f"asyncio HTTP server answering {ANSWER_TOKENS} fixed tokens), {results['concurrency']} requests in "
-             f"flight. Each run in a fresh process. Rows per CPU-second: steady-window rows (after the first "
-             f"results) over the CPU seconds of the route's own process tree (driver, Ray's processes and "
+             f"flight. Each run in a fresh process. Rows/s and rows per CPU-second over the steady middle of a run, "
+             f"seen from the endpoint (from its answer at 10% of the requests to the one at 90%): rows in it over "
+             f"the CPU seconds of the route's own process tree (driver, Ray's processes and "
              f"workers; never the endpoint's); the whole run's figure includes the start-up. The plain client's row "
              f"sends the same requests, pre-encoded and repeated to {ENDPOINT_MAX_REQUESTS} or more. Others' CPU excludes the "
              f"endpoint. Command: `{results['command']}`.",
@@ -213,7 +251,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {CASES[run['case']]} | {run['round']} | {ROUTE_LABELS[run['route']]} | {run['rows']} | "
                      f"{seen.get('requests', '-')} / {seen.get('images', '-')} | {run.get('server_cpu_share', 0):.0%} | "
                      f"{run.get('foreign_cpu_share', 0):.0%} | {run.get('own_cpu_cores', 0):.2f} | "
-                     f"{run['rows_per_s']:.1f} | {'-' if per_cpu is None else f'**{per_cpu:.1f}**'} | "
+                     f"{run['rows_per_busy_s']:.1f} | {'-' if per_cpu is None else f'**{per_cpu:.1f}**'} | "
                      f"{whole_per_cpu(run)} |")
     lines += [""]
     for key, value in results["summary"].items():
@@ -229,9 +267,9 @@ def summarize(runs: list[dict]) -> dict:
     for key in dict.fromkeys(f"{r['case']}/{r['route']}" for r in runs if r["route"] != "endpoint-max"):
         case, route = key.split("/")
         mine = [r for r in runs if r["case"] == case and r["route"] == route]
-        top = [r["rows_per_s"] for r in runs if r["case"] == case and r["route"] == "endpoint-max"]
+        top = [r["rows_per_busy_s"] for r in runs if r["case"] == case and r["route"] == "endpoint-max"]
         out[key] = {"rows_per_cpu_s": statistics.median(rows_per_cpu_s(r) or 0 for r in mine),
-                    "rows_per_s": statistics.median(r["rows_per_s"] for r in mine),
+                    "rows_per_s": statistics.median(r["rows_per_busy_s"] for r in mine),
                     "endpoint_max": statistics.median(top) if top else float("nan")}
     return out
 
@@ -260,16 +298,14 @@ def main() -> None:
         for case in args.cases.split(","):
             for round_no in range(1, args.repeats + 1):
                 for route in args.routes.split(","):
-                    before = endpoint.stats()
                     child_args = ["--child", route, "--case", case, "--images", str(args.images), "--out", str(out),
                                   "--concurrency", str(args.concurrency), "--base-url", f"{endpoint.root_url}/v1",
                                   "--model", MODEL, "--server-pid", str(endpoint.process.pid)]
                     run = run_child(Path(__file__).resolve(), child_args, out / f"child-ceiling-{route}.json")
-                    after = endpoint.stats()
-                    run.update(round=round_no, endpoint_saw={k: after[k] - before[k] for k in ("requests", "images")})
+                    run["round"] = round_no
                     results["runs"].append(run)
                     per_cpu = rows_per_cpu_s(run)
-                    print(f"[{case} {round_no}] {route}: {run['rows']} rows, {run['rows_per_s']:.1f} rows/s, "
+                    print(f"[{case} {round_no}] {route}: {run['rows']} rows, {run['rows_per_busy_s']:.1f} rows/s, "
                           f"{per_cpu or 0:.1f} rows per CPU-s, endpoint CPU {run.get('server_cpu_share', 0):.0%}, "
                           f"saw {run['endpoint_saw']}", flush=True)
                     (out / "ceiling-results.json").write_text(json.dumps(results, indent=2) + "\n")

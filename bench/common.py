@@ -100,14 +100,6 @@ def run_child(script: Path, args: list[str], result_path: Path, timeout_s: float
     return result
 
 
-def steady_after(arrival_s: list[float], first_rows: int) -> float:
-    """Rows/s after the first `first_rows` answers, as the stages report theirs
-    (pipelines.progress.steady_rate): rows after them over the time after them."""
-    times = sorted(arrival_s)
-    k = min(max(1, first_rows), len(times) - 1)
-    return (len(times) - k) / (times[-1] - times[k - 1]) if times[-1] > times[k - 1] else float("nan")
-
-
 # --------------------------------------------------------------------------- the plain client
 
 async def _post_all(url: str, payloads: list[dict], concurrency: int, timeout_s: float) -> tuple[float, list]:
@@ -127,18 +119,14 @@ async def _post_all(url: str, payloads: list[dict], concurrency: int, timeout_s:
     return t0, list(answers)
 
 
-def plain_client_run(base_url: str, payloads: list[dict], concurrency: int, timeout_s: float = 600.0,
-                     server_pid: int | None = None) -> dict:
-    """Send every payload with the plain client; rows/s from the first send to the last answer,
-    the answer times (for a steady rate cut like the stage's) and CPU use in that window."""
+def plain_client_run(base_url: str, payloads: list[dict], concurrency: int, timeout_s: float = 600.0) -> dict:
+    """Send every payload with the plain client: rows/s from the first send to the last answer
+    (t_first_send, t_last_answer: perf_counter times, for the caller's CPU window)."""
     url = f"{base_url.rstrip('/')}/chat/completions"
-    with Timeline(server_pid) as timeline:
-        t0, answers = asyncio.run(_post_all(url, payloads, concurrency, timeout_s))
-    done = [t for t, _ in answers]
-    t_last = max(done)
+    t0, answers = asyncio.run(_post_all(url, payloads, concurrency, timeout_s))
+    t_last = max(t for t, _ in answers)
     return {"route": "baseline", "rows": len(answers), "wall_s": t_last - t0, "rows_per_s": len(answers) / (t_last - t0),
-            "arrival_s": [t - t0 for t in done], "lengths": percentiles([n for _, n in answers]),
-            **timeline.window(t0, t_last)}
+            "t_first_send": t0, "t_last_answer": t_last, "lengths": percentiles([n for _, n in answers])}
 
 
 # --------------------------------------------------------------------------- script plumbing
@@ -171,15 +159,15 @@ def same_tokens(runs: list[dict]) -> dict[str, bool]:
             for c in dict.fromkeys(r["case"] for r in runs)}
 
 
-def ratios_to_baseline(runs: list[dict], baseline_rate) -> dict:
-    """Per case and route: each run's rows/s over its round's baseline (`baseline_rate(base,
-    run)` gives the baseline's rate to compare with), stored in run["ratio"], and the median."""
+def ratios_to_baseline(runs: list[dict], key: str = "rows_per_s") -> dict:
+    """Per case and route: each run's run[key] over its round's baseline's, stored in
+    run["ratio"], and the median."""
     out: dict = {}
     for run in runs:
         base = next((r for r in runs if r["route"] == "baseline" and r["case"] == run["case"]
                      and r["round"] == run["round"]), None)
         if run["route"] == "baseline" or base is None:   # --routes without the baseline: no ratio
             continue
-        run["ratio"] = run["rows_per_s"] / baseline_rate(base, run)
+        run["ratio"] = run[key] / base[key]
         out.setdefault(f"{run['case']}/{run['route']}", []).append(run["ratio"])
-    return {key: {"ratios": v, "median": statistics.median(v)} for key, v in out.items()}
+    return {k: {"ratios": v, "median": statistics.median(v)} for k, v in out.items()}

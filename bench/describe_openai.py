@@ -17,9 +17,12 @@ Routes, each in a fresh process, alternated per repeat so drift on the machine h
 - stage: `describe.run(engine="openai", concurrency=C)` on a private local Ray, as a user runs it;
   stage-local: the same with executor="local". Steady rows/s after the first results
   (`report.rows_per_s`).
-The ratio is taken like for like: the baseline's rows/s after as many answers as the stage's first
-results, over the time after them; the ratio against its whole first-send-to-last-answer rate is
-shown too. Sanity: greedy, so every route must produce the same total of output tokens.
+The ratio is taken like for like, from outside both routes: rows over the span in which the server
+had requests (its /metrics, polled every 0.2 s: from the first request seen to the last one gone),
+which excludes the stage's start-up and needs no timer inside the stage. The stage's own steady
+rate (`report.rows_per_s`, after its first results) against the baseline's first-send-to-last-answer
+rate is shown in brackets: the report's rate counts requests finished before its first results as
+"after" them, which flatters it when many requests are in flight. Sanity: greedy, so every route must produce the same total of output tokens.
 
 Results: a markdown table on stdout, the "describe: openai engine" section of docs/benchmarks.md
 and the raw numbers in <out>/describe-openai-results.json.
@@ -43,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
 from bench.common import (Timeline, add_run_args, finish, plain_client_run, ratios_to_baseline, run_child,  # noqa: E402
-                          same_tokens, steady_after)
+                          same_tokens)
 from bench.describe import (EOS_NORM, MAX_TOKENS, PROMPT, STAGE_MEDIA, build_model, machine, make_images,  # noqa: E402
                             percentiles)
 from bench.docs_section import replace_section  # noqa: E402
@@ -105,15 +108,16 @@ def chat_payloads(model: str, images: list[Path], prompts: list[str], max_tokens
 def run_baseline(args: argparse.Namespace, image_dir: Path) -> dict:
     prompts = [v.prompt_for("image") for v in views_of(args.case)]
     payloads = chat_payloads(args.model, sorted(image_dir.glob("*.jpg")), prompts)   # before the clock
-    result = plain_client_run(args.base_url, payloads, args.concurrency, server_pid=args.server_pid)
-    result["concurrency"] = args.concurrency
+    with Timeline(args.server_pid) as timeline, BusySpan(args.base_url.removesuffix("/v1")) as busy:
+        result = plain_client_run(args.base_url, payloads, args.concurrency)
+    result.update(concurrency=args.concurrency, **busy.summary(result["rows"]), **timeline.window(*busy.span()))
     return result
 
 
-def run_stage(args: argparse.Namespace, image_dir: Path, workdir: Path, executor: str,
-              max_tokens: int = MAX_TOKENS) -> dict:
-    """`describe.run` with the openai engine as a user calls it; CPU cut from a timeline at the
-    report's steady window (first results to the end). Shared with bench/ceiling.py."""
+def run_stage(args: argparse.Namespace, image_dir: Path, workdir: Path, executor: str, span_class=None) -> dict:
+    """`describe.run` with the openai engine as a user calls it. Rows/s and CPU over the span in
+    which the server was busy (`span_class`, default BusySpan); the report's own steady rate
+    too. Shared with bench/ceiling.py (which passes the instant endpoint's span)."""
     import shutil
 
     import pyarrow.parquet as pq
@@ -125,10 +129,11 @@ def run_stage(args: argparse.Namespace, image_dir: Path, workdir: Path, executor
     shutil.rmtree(workdir, ignore_errors=True)
     views = views_of(args.case)
     engine = EngineConfig(engine="openai", model=args.model, base_url=args.base_url, concurrency=args.concurrency,
-                          timeout_s=600.0, sampling=SamplingConfig(max_tokens=max_tokens))
+                          timeout_s=600.0, sampling=SamplingConfig(max_tokens=MAX_TOKENS))
     cfg = describe.DescribeConfig(workdir=workdir, engine=engine, views=views, media=STAGE_MEDIA, executor=executor,
                                   ingest=IngestConfig(input=image_dir, workdir=workdir), progress=False)
-    with Timeline(args.server_pid) as timeline:
+    span_class = span_class or BusySpan
+    with Timeline(args.server_pid) as timeline, span_class(args.base_url.removesuffix("/v1")) as busy:
         t0 = time.perf_counter()
         report = describe.run(cfg)
     table = pq.read_table(workdir / "descriptions")
@@ -140,7 +145,7 @@ def run_stage(args: argparse.Namespace, image_dir: Path, workdir: Path, executor
             "rows": report.rows_written, "rows_per_s": report.rows_per_s, "wall_s": report.wall_s,
             "startup_s": report.startup_s, "first_batch_rows": report.first_batch_rows,
             "concurrency": args.concurrency, "lengths": percentiles(table.column("output_tokens").to_pylist()),
-            **timeline.window(t0 + report.startup_s, t0 + report.wall_s),
+            **busy.summary(report.rows_written), **timeline.window(*busy.span()),
             "whole_run": {"own_cpu_s": whole.get("own_cpu_s"), "rows_per_cpu_s":
                           report.rows_written / whole["own_cpu_s"] if whole.get("own_cpu_s") else None}}
 
@@ -172,17 +177,22 @@ def reset_caches(root_url: str) -> dict:
     return {route: post(f"{root_url}{route}") for route in ("/reset_prefix_cache", "/reset_mm_cache")}
 
 
-class InFlight:
-    """Polls the server's /metrics every second: requests running + waiting, so the table shows
-    that both routes kept C requests at the server (the mean over samples with any)."""
+class BusySpan:
+    """Polls the vLLM server's /metrics every 0.2 s on a thread (requests running + waiting):
+    the span from the first poll that sees a request to the first one that sees none after the
+    last, and the mean number at the server meanwhile. The same outside measure for every route:
+    rows over this span is how fast the server got the route's work done, without the stage's
+    start-up and without counting on where a route's timers sit."""
+
+    period_s = 0.2
 
     def __init__(self, root_url: str) -> None:
         self.url, self.samples = f"{root_url}/metrics", []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="busy-span", daemon=True)
 
     def _loop(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(self.period_s):
             try:
                 with urllib.request.urlopen(self.url, timeout=5) as response:
                     text = response.read().decode()
@@ -190,9 +200,9 @@ class InFlight:
                 continue
             total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                         if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")))
-            self.samples.append(total)
+            self.samples.append((time.perf_counter(), total))
 
-    def __enter__(self) -> "InFlight":
+    def __enter__(self) -> "BusySpan":
         self._thread.start()
         return self
 
@@ -200,20 +210,33 @@ class InFlight:
         self._stop.set()
         self._thread.join()
 
-    def mean(self) -> float | None:
-        busy = [s for s in self.samples if s > 0]
-        return statistics.mean(busy) if busy else None
+    def span(self) -> tuple[float, float]:
+        """(first time seen busy, first time seen idle after the last busy sample)."""
+        busy = [i for i, (_, n) in enumerate(self.samples) if n > 0]
+        if not busy:
+            raise RuntimeError("the server was never seen busy: poll too slow for this run?")
+        end = min(busy[-1] + 1, len(self.samples) - 1)
+        return self.samples[busy[0]][0], self.samples[end][0]
+
+    def summary(self, rows: int) -> dict:
+        t0, t1 = self.span()
+        during = [n for t, n in self.samples if t0 <= t < t1]
+        return {"busy_s": t1 - t0, "rows_per_busy_s": rows / (t1 - t0), "server_in_flight": statistics.mean(during)}
 
 
 # --------------------------------------------------------------------------- parent
 
 def summarize(runs: list[dict]) -> dict:
-    """Like for like: the baseline's rate after as many answers as the stage's first results."""
-    def like_for_like(base: dict, run: dict) -> float:
-        run["baseline_steady_rows_per_s"] = steady_after(base["arrival_s"], run["first_batch_rows"])
-        run["ratio_whole"] = run["rows_per_s"] / base["rows_per_s"]
-        return run["baseline_steady_rows_per_s"]
-    return ratios_to_baseline(runs, like_for_like)
+    """The ratio: rows over the server's busy span, the same outside measure for both routes.
+    Also kept (ratio_report): the stage's own steady rate (`report.rows_per_s`, after its first
+    results) over the baseline's first-send-to-last-answer rate."""
+    summary = ratios_to_baseline(runs, "rows_per_busy_s")
+    for run in runs:
+        base = next((r for r in runs if r["route"] == "baseline" and r["case"] == run["case"]
+                     and r["round"] == run["round"]), None)
+        if "ratio" in run and base:
+            run["ratio_report"] = run["rows_per_s"] / base["rows_per_s"]
+    return summary
 
 
 def markdown(results: dict) -> str:
@@ -226,22 +249,24 @@ def markdown(results: dict) -> str:
              f"text, greedy, max_tokens {MAX_TOKENS}, {results['concurrency']} requests in flight in every route. "
              f"Each run in a fresh process. Baseline: asyncio + httpx.AsyncClient with a semaphore of "
              f"{results['concurrency']}; stage: `describe.run(engine=\"openai\", concurrency="
-             f"{results['concurrency']})`, steady rows/s after its first results. stage/baseline is like for like "
-             f"(the baseline's rate after as many answers as the stage's first results); in brackets against the "
-             f"baseline's first-send-to-last-answer rate. Others' CPU excludes the server, whose share is its own "
-             f"column. Command: `{results['command']}`.", "",
+             f"{results['concurrency']})`. Rows/s: rows over the span in which the server had requests (its "
+             f"/metrics polled every 0.2 s), the same outside measure for both routes (the stage's start-up is "
+             f"outside it); CPU shares over that span. In brackets: the stage's own steady rate "
+             f"(`report.rows_per_s`) and its ratio to the baseline's first-send-to-last-answer rate (the report's "
+             f"rate counts requests finished before its first results as after them: it flatters). Others' CPU "
+             f"excludes the server, whose share is its own column. Command: `{results['command']}`.", "",
              "| case | round | route | requests | output tokens p10 / p50 / p90 / max (total) | mean requests at "
-             "the server | server CPU | others' CPU | our CPU (cores) | rows/s | stage/baseline |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "the server | server CPU | others' CPU | our CPU (cores) | rows/s (report's) | stage/baseline "
+             "(report's) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in results["runs"]:
         ln = run["lengths"]
-        ratio = f"**{run['ratio']:.2f}** ({run['ratio_whole']:.2f})" if "ratio" in run else ""
+        ratio = f"**{run['ratio']:.2f}** ({run['ratio_report']:.2f})" if "ratio" in run else ""
         at_server = run.get("server_in_flight")
         lines.append(f"| {CASES[run['case']]} | {run['round']} | {ROUTE_LABELS[run['route']]} | {run['rows']} | "
                      f"{ln['p10']:g} / {ln['p50']:g} / {ln['p90']:g} / {ln['max']} ({ln['total']}) | "
                      f"{'-' if at_server is None else f'{at_server:.1f}'} | {run.get('server_cpu_share', 0):.0%} | "
                      f"{run.get('foreign_cpu_share', 0):.0%} | {run.get('own_cpu_cores', 0):.2f} | "
-                     f"{run['rows_per_s']:.1f} | {ratio} |")
+                     f"{run['rows_per_busy_s']:.1f} ({run['rows_per_s']:.1f}) | {ratio} |")
     lines += ["", "Median stage/baseline (target >= 0.95): " + "; ".join(
         f"{CASES[k.split('/')[0]]}, {ROUTE_LABELS[k.split('/')[1]]}: **{v['median']:.2f}**"
         for k, v in results["summary"].items()) + ".", "",
@@ -283,14 +308,14 @@ def main() -> None:
                     child_args = ["--child", route, "--case", case, "--images", str(args.images), "--out", str(out),
                                   "--concurrency", str(args.concurrency), "--base-url", server.base_url,
                                   "--model", server.model, "--server-pid", str(server.process.pid)]
-                    with InFlight(server.root_url) as in_flight:
-                        run = run_child(Path(__file__).resolve(), child_args, out / f"child-openai-{route}.json")
-                    run.update(round=round_no, server_in_flight=in_flight.mean())
+                    run = run_child(Path(__file__).resolve(), child_args, out / f"child-openai-{route}.json")
+                    run["round"] = round_no
                     results["runs"].append(run)
                     ln = run["lengths"]
-                    print(f"[{case} {round_no}] {route}: {run['rows']} rows, {run['rows_per_s']:.1f} rows/s, tokens "
+                    print(f"[{case} {round_no}] {route}: {run['rows']} rows, {run['rows_per_busy_s']:.1f} rows/s "
+                          f"({run['rows_per_s']:.1f} own measure), tokens "
                           f"p10/p50/p90/max {ln['p10']:g}/{ln['p50']:g}/{ln['p90']:g}/{ln['max']} total {ln['total']}, "
-                          f"at server {run['server_in_flight']}, others' CPU {run.get('foreign_cpu_share', 0):.0%}",
+                          f"at server {run['server_in_flight']:.1f}, others' CPU {run.get('foreign_cpu_share', 0):.0%}",
                           flush=True)
                     (out / "describe-openai-results.json").write_text(json.dumps(results, indent=2) + "\n")
     results["summary"], results["same_tokens"] = summarize(results["runs"]), same_tokens(results["runs"])

