@@ -125,7 +125,9 @@ def serve(port: int) -> None:
 
 
 def endpoint_stats(root_url: str, reset: bool = False) -> dict:
-    request = urllib.request.Request(f"{root_url}/stats", method="POST" if reset else "GET", data=b"" if reset else None)
+    """The endpoint's counts (reset=True: and start them again from zero)."""
+    request = urllib.request.Request(f"{root_url}/stats", method="POST" if reset else "GET",
+                                     data=b"" if reset else None)
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
@@ -238,10 +240,11 @@ def markdown(results: dict) -> str:
              f"asyncio HTTP server answering {ANSWER_TOKENS} fixed tokens), {results['concurrency']} requests in "
              f"flight. Each run in a fresh process. Rows/s and rows per CPU-second over the steady middle of a run, "
              f"seen from the endpoint (from its answer at 10% of the requests to the one at 90%): rows in it over "
-             f"the CPU seconds of the route's own process tree (driver, Ray's processes and "
-             f"workers; never the endpoint's); the whole run's figure includes the start-up. The plain client's row "
-             f"sends the same requests, pre-encoded and repeated to {ENDPOINT_MAX_REQUESTS} or more. Others' CPU excludes the "
-             f"endpoint. Command: `{results['command']}`.",
+             f"the CPU seconds of the route's own process tree (driver, Ray's processes and workers; never the "
+             f"endpoint's); the whole run's figure includes the start-up. The plain client's row sends the same "
+             f"requests, pre-encoded and repeated to {ENDPOINT_MAX_REQUESTS} or more: its rate bounds the "
+             f"endpoint's from below (the client is the limit on a small machine; the endpoint CPU column shows the "
+             f"endpoint's own load). Others' CPU excludes the endpoint. Command: `{results['command']}`.",
              "", "| case | round | route | requests | endpoint saw (requests / images) | endpoint CPU | others' CPU "
              "| our CPU (cores) | rows/s | rows per CPU-second | rows per CPU-second, whole run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -249,7 +252,8 @@ def markdown(results: dict) -> str:
         seen = run.get("endpoint_saw", {})
         per_cpu = rows_per_cpu_s(run)
         lines.append(f"| {CASES[run['case']]} | {run['round']} | {ROUTE_LABELS[run['route']]} | {run['rows']} | "
-                     f"{seen.get('requests', '-')} / {seen.get('images', '-')} | {run.get('server_cpu_share', 0):.0%} | "
+                     f"{seen.get('requests', '-')} / {seen.get('images', '-')} | "
+                     f"{run.get('server_cpu_share', 0):.0%} | "
                      f"{run.get('foreign_cpu_share', 0):.0%} | {run.get('own_cpu_cores', 0):.2f} | "
                      f"{run['rows_per_busy_s']:.1f} | {'-' if per_cpu is None else f'**{per_cpu:.1f}**'} | "
                      f"{whole_per_cpu(run)} |")

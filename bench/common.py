@@ -125,7 +125,8 @@ def plain_client_run(base_url: str, payloads: list[dict], concurrency: int, time
     url = f"{base_url.rstrip('/')}/chat/completions"
     t0, answers = asyncio.run(_post_all(url, payloads, concurrency, timeout_s))
     t_last = max(t for t, _ in answers)
-    return {"route": "baseline", "rows": len(answers), "wall_s": t_last - t0, "rows_per_s": len(answers) / (t_last - t0),
+    return {"route": "baseline", "rows": len(answers), "wall_s": t_last - t0,
+            "rows_per_s": len(answers) / (t_last - t0),
             "t_first_send": t0, "t_last_answer": t_last, "lengths": percentiles([n for _, n in answers])}
 
 

@@ -22,7 +22,8 @@ had requests (its /metrics, polled every 0.2 s: from the first request seen to t
 which excludes the stage's start-up and needs no timer inside the stage. The stage's own steady
 rate (`report.rows_per_s`, after its first results) against the baseline's first-send-to-last-answer
 rate is shown in brackets: the report's rate counts requests finished before its first results as
-"after" them, which flatters it when many requests are in flight. Sanity: greedy, so every route must produce the same total of output tokens.
+"after" them, which flatters it when many requests are in flight. Sanity: greedy, so every route
+must produce the same total of output tokens.
 
 Results: a markdown table on stdout, the "describe: openai engine" section of docs/benchmarks.md
 and the raw numbers in <out>/describe-openai-results.json.
@@ -249,15 +250,16 @@ def markdown(results: dict) -> str:
              f"text, greedy, max_tokens {MAX_TOKENS}, {results['concurrency']} requests in flight in every route. "
              f"Each run in a fresh process. Baseline: asyncio + httpx.AsyncClient with a semaphore of "
              f"{results['concurrency']}; stage: `describe.run(engine=\"openai\", concurrency="
-             f"{results['concurrency']})`. Rows/s: rows over the span in which the server had requests (its "
-             f"/metrics polled every 0.2 s), the same outside measure for both routes (the stage's start-up is "
-             f"outside it); CPU shares over that span. In brackets: the stage's own steady rate "
-             f"(`report.rows_per_s`) and its ratio to the baseline's first-send-to-last-answer rate (the report's "
-             f"rate counts requests finished before its first results as after them: it flatters). Others' CPU "
+             f"{results['concurrency']})`. Rows/s: rows over the span in which the server had requests in its "
+             f"scheduler (its /metrics polled every 0.2 s), the same outside measure for both routes (the stage's "
+             f"start-up is outside it); CPU shares over that span. In brackets, each route's own measure: the "
+             f"client's first-send-to-last-answer rate, the stage's steady rate (`report.rows_per_s`), and their "
+             f"ratio (the report's rate counts requests finished before its first results as after them: it "
+             f"flatters). Others' CPU "
              f"excludes the server, whose share is its own column. Command: `{results['command']}`.", "",
              "| case | round | route | requests | output tokens p10 / p50 / p90 / max (total) | mean requests at "
-             "the server | server CPU | others' CPU | our CPU (cores) | rows/s (report's) | stage/baseline "
-             "(report's) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "the server | server CPU | others' CPU | our CPU (cores) | rows/s (own measure) | stage/baseline "
+             "(own measures) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in results["runs"]:
         ln = run["lengths"]
         ratio = f"**{run['ratio']:.2f}** ({run['ratio_report']:.2f})" if "ratio" in run else ""

