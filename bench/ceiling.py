@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
 from bench import describe_openai  # noqa: E402
-from bench.common import Timeline, add_run_args, finish, plain_client_run, run_child  # noqa: E402
+from bench.common import Timeline, add_run_args, finish, plain_client_run, run_rounds  # noqa: E402
 from bench.describe import machine, make_images  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 
@@ -278,6 +278,11 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def progress(run: dict) -> str:
+    return (f"{run['rows']} rows, {run['rows_per_busy_s']:.1f} rows/s, {rows_per_cpu_s(run) or 0:.1f} rows per "
+            f"CPU-s, endpoint CPU {run.get('server_cpu_share', 0):.0%}, saw {run['endpoint_saw']}")
+
+
 def update_docs(section: str) -> None:
     replace_section("ceiling.py", "## describe: pipeline ceiling (instant endpoint)\n\n"
                     f"_Written by `bench/ceiling.py`._\n\n{section}", after="<!-- bench/describe_openai.py: end -->")
@@ -299,20 +304,10 @@ def main() -> None:
                      "command": " ".join(["bench/ceiling.py", *sys.argv[1:]]), "concurrency": args.concurrency,
                      "label": args.label, "runs": []}
     with Endpoint() as endpoint:
-        for case in args.cases.split(","):
-            for round_no in range(1, args.repeats + 1):
-                for route in args.routes.split(","):
-                    child_args = ["--child", route, "--case", case, "--images", str(args.images), "--out", str(out),
-                                  "--concurrency", str(args.concurrency), "--base-url", f"{endpoint.root_url}/v1",
-                                  "--model", MODEL, "--server-pid", str(endpoint.process.pid)]
-                    run = run_child(Path(__file__).resolve(), child_args, out / f"child-ceiling-{route}.json")
-                    run["round"] = round_no
-                    results["runs"].append(run)
-                    per_cpu = rows_per_cpu_s(run)
-                    print(f"[{case} {round_no}] {route}: {run['rows']} rows, {run['rows_per_busy_s']:.1f} rows/s, "
-                          f"{per_cpu or 0:.1f} rows per CPU-s, endpoint CPU {run.get('server_cpu_share', 0):.0%}, "
-                          f"saw {run['endpoint_saw']}", flush=True)
-                    (out / "ceiling-results.json").write_text(json.dumps(results, indent=2) + "\n")
+        child_args = ["--images", str(args.images), "--out", str(out), "--concurrency", str(args.concurrency),
+                      "--base-url", f"{endpoint.root_url}/v1", "--model", MODEL,
+                      "--server-pid", str(endpoint.process.pid)]
+        run_rounds(args, Path(__file__).resolve(), results, out / "ceiling-results.json", child_args, progress)
     results["summary"] = summarize(results["runs"])
     finish(results, out / "ceiling-results.json", markdown(results), update_docs, args.no_docs)
 

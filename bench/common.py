@@ -172,3 +172,37 @@ def ratios_to_baseline(runs: list[dict], key: str = "rows_per_s") -> dict:
         run["ratio"] = run[key] / base[key]
         out.setdefault(f"{run['case']}/{run['route']}", []).append(run["ratio"])
     return {k: {"ratios": v, "median": statistics.median(v)} for k, v in out.items()}
+
+
+def run_rounds(args, script: Path, results: dict, json_path: Path, child_args: list[str], progress,
+               before_run=None) -> None:
+    """Every case, round and route of a script, each route in a fresh child process, alternated
+    so that drift on a shared machine hits them all; the raw results are saved after each run.
+    `progress(run)` is the line printed after a run; `before_run()` runs before each one."""
+    for case in args.cases.split(","):
+        for round_no in range(1, args.repeats + 1):
+            for route in args.routes.split(","):
+                if before_run is not None:
+                    before_run()
+                run = run_child(script, ["--child", route, "--case", case, *child_args],
+                                args.out.resolve() / f"child-{script.stem}-{route}.json")
+                run["round"] = round_no
+                results["runs"].append(run)
+                print(f"[{case} {round_no}] {route}: {progress(run)}", flush=True)
+                json_path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def ratio_lines(results: dict, cases: dict, routes: dict, extra=lambda value: "") -> list[str]:
+    """The summary under a table: median stage/baseline per case and route (with `extra(value)`
+    after each), and the greedy sanity check on output tokens."""
+    return ["", "Median stage/baseline (target >= 0.95): " + "; ".join(
+        f"{cases[k.split('/')[0]]}, {routes[k.split('/')[1]]}: **{v['median']:.2f}**{extra(v)}"
+        for k, v in results["summary"].items()) + ".", "",
+        "Same output tokens in every route of a case (greedy): " + ", ".join(
+            f"{cases[c]}: {'yes' if ok else '**NO**'}" for c, ok in results["same_tokens"].items()) + ".", ""]
+
+
+def lengths_cell(lengths: dict) -> str:
+    """Output tokens 'p10 / p50 / p90 / max (total)' for a table cell."""
+    return (f"{lengths['p10']:g} / {lengths['p50']:g} / {lengths['p90']:g} / {lengths['max']} "
+            f"({lengths['total']})")

@@ -46,8 +46,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
-from bench.common import (Timeline, add_run_args, finish, plain_client_run, ratios_to_baseline, run_child,  # noqa: E402
-                          same_tokens)
+from bench.common import (Timeline, add_run_args, finish, lengths_cell, plain_client_run, ratio_lines,  # noqa: E402
+                          ratios_to_baseline, run_rounds, same_tokens)
 from bench.describe import (EOS_NORM, MAX_TOKENS, PROMPT, STAGE_MEDIA, build_model, machine, make_images,  # noqa: E402
                             percentiles)
 from bench.docs_section import replace_section  # noqa: E402
@@ -261,20 +261,21 @@ def markdown(results: dict) -> str:
              "the server | server CPU | others' CPU | our CPU (cores) | rows/s (own measure) | stage/baseline "
              "(own measures) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in results["runs"]:
-        ln = run["lengths"]
         ratio = f"**{run['ratio']:.2f}** ({run['ratio_report']:.2f})" if "ratio" in run else ""
         at_server = run.get("server_in_flight")
         lines.append(f"| {CASES[run['case']]} | {run['round']} | {ROUTE_LABELS[run['route']]} | {run['rows']} | "
-                     f"{ln['p10']:g} / {ln['p50']:g} / {ln['p90']:g} / {ln['max']} ({ln['total']}) | "
-                     f"{'-' if at_server is None else f'{at_server:.1f}'} | {run.get('server_cpu_share', 0):.0%} | "
+                     f"{lengths_cell(run['lengths'])} | {'-' if at_server is None else f'{at_server:.1f}'} | "
+                     f"{run.get('server_cpu_share', 0):.0%} | "
                      f"{run.get('foreign_cpu_share', 0):.0%} | {run.get('own_cpu_cores', 0):.2f} | "
                      f"{run['rows_per_busy_s']:.1f} ({run['rows_per_s']:.1f}) | {ratio} |")
-    lines += ["", "Median stage/baseline (target >= 0.95): " + "; ".join(
-        f"{CASES[k.split('/')[0]]}, {ROUTE_LABELS[k.split('/')[1]]}: **{v['median']:.2f}**"
-        for k, v in results["summary"].items()) + ".", "",
-        "Same output tokens in every route of a case (greedy): " + ", ".join(
-            f"{CASES[c]}: {'yes' if ok else '**NO**'}" for c, ok in results["same_tokens"].items()) + ".", ""]
+    lines += ratio_lines(results, CASES, ROUTE_LABELS)
     return "\n".join(lines) + "\n"
+
+
+def progress(run: dict) -> str:
+    return (f"{run['rows']} rows, {run['rows_per_busy_s']:.1f} rows/s ({run['rows_per_s']:.1f} own measure), "
+            f"tokens {lengths_cell(run['lengths'])}, at server {run['server_in_flight']:.1f}, "
+            f"others' CPU {run.get('foreign_cpu_share', 0):.0%}")
 
 
 def update_docs(section: str) -> None:
@@ -298,28 +299,18 @@ def main() -> None:
     results: dict = {"machine": machine(), "versions": {"vllm": vllm.__version__, "ray": ray.__version__},
                      "command": " ".join(["bench/describe_openai.py", *sys.argv[1:]]), "images": args.images,
                      "eos_norm": args.eos_norm, "concurrency": args.concurrency, "label": args.label, "runs": []}
-    routes = args.routes.split(",")
     with vllm_openai_server(model, workdir=out / "openai-server", startup_timeout_s=900, limit_images=1,
                             env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
         results["server_start_s"] = server.started_s
         print(f"server up after {server.started_s:.0f} s at {server.base_url}", flush=True)
-        for case in args.cases.split(","):
-            for round_no in range(1, args.repeats + 1):
-                for route in routes:
-                    results["cache_reset"] = reset_caches(server.root_url)
-                    child_args = ["--child", route, "--case", case, "--images", str(args.images), "--out", str(out),
-                                  "--concurrency", str(args.concurrency), "--base-url", server.base_url,
-                                  "--model", server.model, "--server-pid", str(server.process.pid)]
-                    run = run_child(Path(__file__).resolve(), child_args, out / f"child-openai-{route}.json")
-                    run["round"] = round_no
-                    results["runs"].append(run)
-                    ln = run["lengths"]
-                    print(f"[{case} {round_no}] {route}: {run['rows']} rows, {run['rows_per_busy_s']:.1f} rows/s "
-                          f"({run['rows_per_s']:.1f} own measure), tokens "
-                          f"p10/p50/p90/max {ln['p10']:g}/{ln['p50']:g}/{ln['p90']:g}/{ln['max']} total {ln['total']}, "
-                          f"at server {run['server_in_flight']:.1f}, others' CPU {run.get('foreign_cpu_share', 0):.0%}",
-                          flush=True)
-                    (out / "describe-openai-results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+        def before_run() -> None:
+            results["cache_reset"] = reset_caches(server.root_url)
+
+        child_args = ["--images", str(args.images), "--out", str(out), "--concurrency", str(args.concurrency),
+                      "--base-url", server.base_url, "--model", server.model, "--server-pid", str(server.process.pid)]
+        run_rounds(args, Path(__file__).resolve(), results, out / "describe-openai-results.json", child_args,
+                   progress, before_run)
     results["summary"], results["same_tokens"] = summarize(results["runs"]), same_tokens(results["runs"])
     finish(results, out / "describe-openai-results.json", markdown(results), update_docs, args.no_docs)
 

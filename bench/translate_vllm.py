@@ -38,7 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
-from bench.common import Timeline, add_run_args, finish, ratios_to_baseline, run_child, same_tokens  # noqa: E402
+from bench.common import (Timeline, add_run_args, finish, lengths_cell, ratio_lines, ratios_to_baseline,  # noqa: E402
+                          run_rounds, same_tokens)
 from bench.describe import machine, percentiles, scale_eos  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 from bench.translate import specific_captions, write_lines  # noqa: E402
@@ -95,7 +96,8 @@ def run_baseline(args: argparse.Namespace) -> dict:
         add_generation_prompt=True, tokenize=False, enable_thinking=False) for t in texts]
     fixed = args.case == "fixed32"
     t0 = time.perf_counter()
-    llm = vllm.LLM(model=str(model), enforce_eager=True, max_model_len=MAX_MODEL_LEN, disable_log_stats=True, seed=0)
+    # log stats on: each output then carries its engine-side finish time (metrics.last_token_ts)
+    llm = vllm.LLM(model=str(model), enforce_eager=True, max_model_len=MAX_MODEL_LEN, disable_log_stats=False, seed=0)
     startup_s = time.perf_counter() - t0
     params = vllm.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=FIXED_TOKENS if fixed else MAX_TOKENS,
                                  seed=0, repetition_penalty=1.0, ignore_eos=fixed)
@@ -106,7 +108,30 @@ def run_baseline(args: argparse.Namespace) -> dict:
     lengths = [len(o.outputs[0].token_ids) for o in outputs]
     return {"route": "baseline", "startup_s": startup_s, "wall_s": t2 - t1, "rows": len(outputs),
             "rows_per_s": len(outputs) / (t2 - t1), "end_to_end_rows_per_s": len(outputs) / (t2 - t0),
+            "steady_rows_per_s": steady_as_stage(outputs, stage_batch_size()),
             "lengths": percentiles(lengths), **timeline.window(t1, t2)}
+
+
+def stage_batch_size() -> int:
+    """The stage's default strings per engine call (TranslateConfig.batch_size)."""
+    import dataclasses
+
+    from pipelines import translate
+    return next(f.default for f in dataclasses.fields(translate.TranslateConfig) if f.name == "batch_size")
+
+
+def steady_as_stage(outputs: list, batch: int) -> float | None:
+    """The baseline's rate counted as the stage counts its own (`report.rows_per_s`): rows after
+    the first batch of `batch` requests (in the stage's order) to be all finished, over the time
+    after it. The same formula on both sides, so its bias (requests finished before the first
+    batch count as after it) cancels in the ratio. Finish times: vLLM's per-request
+    metrics.last_token_ts (None when this vLLM does not give them)."""
+    done = [getattr(getattr(o, "metrics", None), "last_token_ts", None) for o in outputs]
+    if not all(done):
+        return None
+    first = min(max(done[i:i + batch]) for i in range(0, len(done), batch))
+    after = len(done) - batch
+    return after / (max(done) - first) if after > 0 and max(done) > first else None
 
 
 def run_stage(args: argparse.Namespace, executor: str) -> dict:
@@ -150,15 +175,23 @@ def child_main(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- parent
 
 def summarize(runs: list[dict]) -> dict:
-    """The stage's steady rate over the baseline's generate() rate, and (ratio_end_to_end) both
-    routes' rows over their time from engine construction (baseline) or run start (stage)."""
-    end_to_end = ratios_to_baseline(runs, "end_to_end_rows_per_s")
-    for run in runs:
-        if "ratio" in run:
-            run["ratio_end_to_end"] = run.pop("ratio")
-    summary = ratios_to_baseline(runs, "rows_per_s")
+    """Three ratios per stage run: like for like (ratio: the stage's steady rate over the
+    baseline's, counted the same way), against the baseline's generate() rate (ratio_generate)
+    and end to end (ratio_end_to_end)."""
+    medians = {}
+    for name, key in (("end_to_end", "end_to_end_rows_per_s"), ("generate", "rows_per_s")):
+        medians[name] = ratios_to_baseline(runs, key)
+        for run in runs:
+            if "ratio" in run:
+                run[f"ratio_{name}"] = run.pop("ratio")
+    for run in runs:   # the stage's steady rate is its rows_per_s; the baseline's is computed
+        run.setdefault("steady_rows_per_s", run["rows_per_s"])
+    if any(r["route"] == "baseline" and r["steady_rows_per_s"] is None for r in runs):
+        return {k: v | {"median_generate": v["median"]} for k, v in medians["generate"].items()}
+    summary = ratios_to_baseline(runs, "steady_rows_per_s")
     for key, value in summary.items():
-        value["median_end_to_end"] = end_to_end[key]["median"]
+        value.update(median_generate=medians["generate"][key]["median"],
+                     median_end_to_end=medians["end_to_end"][key]["median"])
     return summary
 
 
@@ -169,29 +202,37 @@ def markdown(results: dict) -> str:
              f"row of EOS scaled to norm {results['eos_norm']:g}), the stage's default prompt through the model's "
              f"chat template, greedy, max_tokens {MAX_TOKENS} (fixed case: {FIXED_TOKENS}, ignore_eos), "
              f"`enforce_eager`, each run in a fresh process. Baseline: one `LLM.generate` over all the strings, "
-             f"timed after engine start; stage: `translate.run()` steady rows/s after its first results (this "
-             f"flatters the stage: rows finished before its first results count as after them). End to end: "
-             f"rows over the time from `LLM()` to the end of generate() against rows over the stage's whole run "
-             f"(start-up of Ray, actor and engine included: this handicaps the stage). Command: "
-             f"`{results['command']}`.", "",
+             f"timed after engine start (its generate() rate is the first rows/s column). Stage: `translate.run()`, "
+             f"its steady rows/s after its first results (`report.rows_per_s`). Steady: the baseline's rate counted "
+             f"the same way (rows after its first batch of {results['batch']} to finish, from vLLM's per-request "
+             f"finish times), so that the formula's bias (requests finished before the first results count as "
+             f"after them) cancels: stage/baseline is steady against steady; in brackets, the stage's steady rate "
+             f"against the baseline's generate() rate. End to end: rows over the time from `LLM()` to the end of "
+             f"generate() against rows over the stage's whole run (Ray, actor and engine start-up included: "
+             f"this handicaps the stage). Command: `{results['command']}`.", "",
              "| case | round | route | requests | output tokens p10 / p50 / p90 / max (total) | others' CPU "
-             "| our CPU (cores) | engine start (s) | rows/s | stage/baseline | rows/s end to end | stage/baseline "
-             "end to end |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| our CPU (cores) | engine start (s) | rows/s | steady rows/s | stage/baseline (vs generate()) "
+             "| rows/s end to end | stage/baseline end to end |", "|" + "---|" * 13]
     for run in results["runs"]:
-        ln = run["lengths"]
-        ratio = f"**{run['ratio']:.2f}**" if "ratio" in run else ""
-        ratio_e2e = f"{run['ratio_end_to_end']:.2f}" if "ratio_end_to_end" in run else ""
+        ratio = ""
+        if "ratio_generate" in run:
+            ratio = f"**{run['ratio']:.2f}** ({run['ratio_generate']:.2f})" if "ratio" in run else \
+                f"({run['ratio_generate']:.2f})"
+        steady = run.get("steady_rows_per_s")
+        end_to_end = f"{run['ratio_end_to_end']:.2f}" if "ratio_end_to_end" in run else ""
         lines.append(f"| {CASES[run['case']]} | {run['round']} | {ROUTE_LABELS[run['route']]} | {run['rows']} | "
-                     f"{ln['p10']:g} / {ln['p50']:g} / {ln['p90']:g} / {ln['max']} ({ln['total']}) | "
-                     f"{run.get('foreign_cpu_share', 0):.0%} | {run.get('own_cpu_cores', 0):.2f} | "
-                     f"{run['startup_s']:.1f} | {run['rows_per_s']:.1f} | {ratio} | "
-                     f"{run['end_to_end_rows_per_s']:.1f} | {ratio_e2e} |")
-    lines += ["", "Median stage/baseline (target >= 0.95): " + "; ".join(
-        f"{CASES[k.split('/')[0]]}, {ROUTE_LABELS[k.split('/')[1]]}: **{v['median']:.2f}** (end to end "
-        f"{v['median_end_to_end']:.2f})" for k, v in results["summary"].items()) + ".", "",
-        "Same output tokens in every route of a case (greedy): " + ", ".join(
-            f"{CASES[c]}: {'yes' if ok else '**NO**'}" for c, ok in results["same_tokens"].items()) + ".", ""]
+                     f"{lengths_cell(run['lengths'])} | {run.get('foreign_cpu_share', 0):.0%} | "
+                     f"{run.get('own_cpu_cores', 0):.2f} | {run['startup_s']:.1f} | {run['rows_per_s']:.1f} | "
+                     f"{'-' if steady is None else f'{steady:.1f}'} | {ratio} | {run['end_to_end_rows_per_s']:.1f} | "
+                     f"{end_to_end} |")
+    lines += ratio_lines(results, CASES, ROUTE_LABELS, lambda v: f" (vs generate() {v['median_generate']:.2f}, "
+                         f"end to end {v.get('median_end_to_end', float('nan')):.2f})")
     return "\n".join(lines) + "\n"
+
+
+def progress(run: dict) -> str:
+    return (f"{run['rows']} rows, {run['rows_per_s']:.1f} rows/s, tokens {lengths_cell(run['lengths'])}, start "
+            f"{run['startup_s']:.1f} s, others' CPU {run.get('foreign_cpu_share', 0):.0%}")
 
 
 def update_docs(section: str) -> None:
@@ -213,20 +254,9 @@ def main() -> None:
         model_for(args, case)   # built once here, not in two children at once
     results: dict = {"machine": machine(), "versions": {"vllm": vllm.__version__, "ray": ray.__version__},
                      "command": " ".join(["bench/translate_vllm.py", *sys.argv[1:]]), "captions": args.captions,
-                     "eos_norm": args.eos_norm, "label": args.label, "runs": []}
-    for case in args.cases.split(","):
-        for round_no in range(1, args.repeats + 1):
-            for route in args.routes.split(","):
-                child_args = ["--child", route, "--case", case, "--captions", str(args.captions), "--out", str(out),
-                              "--eos-norm", str(args.eos_norm)]
-                run = run_child(Path(__file__).resolve(), child_args, out / f"child-translate-{route}.json")
-                run["round"] = round_no
-                results["runs"].append(run)
-                ln = run["lengths"]
-                print(f"[{case} {round_no}] {route}: {run['rows']} rows, {run['rows_per_s']:.1f} rows/s, tokens "
-                      f"p10/p50/p90/max {ln['p10']:g}/{ln['p50']:g}/{ln['p90']:g}/{ln['max']} total {ln['total']}, "
-                      f"start {run['startup_s']:.1f} s, others' CPU {run.get('foreign_cpu_share', 0):.0%}", flush=True)
-                (out / "translate-vllm-results.json").write_text(json.dumps(results, indent=2) + "\n")
+                     "eos_norm": args.eos_norm, "label": args.label, "batch": stage_batch_size(), "runs": []}
+    child_args = ["--captions", str(args.captions), "--out", str(out), "--eos-norm", str(args.eos_norm)]
+    run_rounds(args, Path(__file__).resolve(), results, out / "translate-vllm-results.json", child_args, progress)
     results["summary"], results["same_tokens"] = summarize(results["runs"]), same_tokens(results["runs"])
     finish(results, out / "translate-vllm-results.json", markdown(results), update_docs, args.no_docs)
 
