@@ -285,7 +285,7 @@ def progress(run: dict) -> str:
 
 def update_docs(section: str) -> None:
     replace_section("ceiling.py", "## describe: pipeline ceiling (instant endpoint)\n\n"
-                    f"_Written by `bench/ceiling.py`._\n\n{section}", after="<!-- bench/describe_openai.py: end -->")
+                    f"_Written by `bench/ceiling.py`._\n\n{section}", before="<!-- bench/train.py: begin -->")
 
 
 def main() -> None:

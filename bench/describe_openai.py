@@ -280,7 +280,7 @@ def progress(run: dict) -> str:
 
 def update_docs(section: str) -> None:
     replace_section("describe_openai.py", "## describe: openai engine vs a plain httpx client\n\n"
-                    f"_Written by `bench/describe_openai.py`._\n\n{section}", after="<!-- bench/describe.py: end -->")
+                    f"_Written by `bench/describe_openai.py`._\n\n{section}", before="<!-- bench/train.py: begin -->")
 
 
 def main() -> None:
