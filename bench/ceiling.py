@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
 from bench import describe_openai  # noqa: E402
-from bench.common import Timeline, add_run_args, finish, plain_client_run, run_rounds  # noqa: E402
-from bench.describe import machine, make_images  # noqa: E402
+from bench.common import Timeline, add_run_args, finish, plain_client_run, results_header, run_rounds  # noqa: E402
+from bench.describe import make_images  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 
 CASES = describe_openai.CASES
@@ -234,7 +234,8 @@ def whole_per_cpu(run: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}; ray {results['ray']}; code measured: {results.get('label') or '-'}. "
+    lines = [f"Machine: {results['machine']}; ray {results['versions']['ray']}; code measured: "
+             f"{results.get('label') or '-'}. "
              f"{results['images']} JPEGs 640x480 (q90, ~100 KB) loaded and scaled to <= 224*224 by the stage, sent "
              f"as JPEG data URLs to an instant OpenAI-compatible endpoint on loopback (its own process: a minimal "
              f"asyncio HTTP server answering {ANSWER_TOKENS} fixed tokens), {results['concurrency']} requests in "
@@ -296,13 +297,9 @@ def main() -> None:
     if args.child:
         child_main(args)
         return
-    import ray
-
     out = args.out.resolve()
     make_images(out / f"images-{args.images}", args.images)
-    results: dict = {"machine": machine(), "ray": ray.__version__, "images": args.images,
-                     "command": " ".join(["bench/ceiling.py", *sys.argv[1:]]), "concurrency": args.concurrency,
-                     "label": args.label, "runs": []}
+    results = results_header("bench/ceiling.py", args, images=args.images, concurrency=args.concurrency)
     with Endpoint() as endpoint:
         child_args = ["--images", str(args.images), "--out", str(out), "--concurrency", str(args.concurrency),
                       "--base-url", f"{endpoint.root_url}/v1", "--model", MODEL,

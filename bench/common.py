@@ -206,3 +206,13 @@ def lengths_cell(lengths: dict) -> str:
     """Output tokens 'p10 / p50 / p90 / max (total)' for a table cell."""
     return (f"{lengths['p10']:g} / {lengths['p50']:g} / {lengths['p90']:g} / {lengths['max']} "
             f"({lengths['total']})")
+
+
+def results_header(script: str, args, **fields) -> dict:
+    """The start of a script's raw results: machine, versions, command line, label, the runs."""
+    import ray
+    import vllm
+
+    from bench.describe import machine
+    return {"machine": machine(), "versions": {"vllm": vllm.__version__, "ray": ray.__version__},
+            "command": " ".join([script, *sys.argv[1:]]), "label": args.label, **fields, "runs": []}

@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
 from bench.common import (Timeline, add_run_args, finish, lengths_cell, plain_client_run, ratio_lines,  # noqa: E402
-                          ratios_to_baseline, run_rounds, same_tokens)
-from bench.describe import (EOS_NORM, MAX_TOKENS, PROMPT, STAGE_MEDIA, build_model, machine, make_images,  # noqa: E402
+                          ratios_to_baseline, results_header, run_rounds, same_tokens)
+from bench.describe import (EOS_NORM, MAX_TOKENS, PROMPT, STAGE_MEDIA, build_model, make_images,  # noqa: E402
                             percentiles)
 from bench.docs_section import replace_section  # noqa: E402
 
@@ -288,17 +288,13 @@ def main() -> None:
     if args.child:
         child_main(args)
         return
-    import ray
-    import vllm
-
     from tests.servers import vllm_openai_server
 
     out = args.out.resolve()
     make_images(out / f"images-{args.images}", args.images)
     model = build_model(out, args.eos_norm)
-    results: dict = {"machine": machine(), "versions": {"vllm": vllm.__version__, "ray": ray.__version__},
-                     "command": " ".join(["bench/describe_openai.py", *sys.argv[1:]]), "images": args.images,
-                     "eos_norm": args.eos_norm, "concurrency": args.concurrency, "label": args.label, "runs": []}
+    results = results_header("bench/describe_openai.py", args, images=args.images, eos_norm=args.eos_norm,
+                             concurrency=args.concurrency)
     with vllm_openai_server(model, workdir=out / "openai-server", startup_timeout_s=900, limit_images=1,
                             env={"VLLM_SERVER_DEV_MODE": "1"}) as server:
         results["server_start_s"] = server.started_s

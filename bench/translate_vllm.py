@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
 from bench.common import (Timeline, add_run_args, finish, lengths_cell, ratio_lines, ratios_to_baseline,  # noqa: E402
-                          run_rounds, same_tokens)
-from bench.describe import machine, percentiles, scale_eos  # noqa: E402
+                          results_header, run_rounds, same_tokens)
+from bench.describe import percentiles, scale_eos  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 from bench.translate import specific_captions, write_lines  # noqa: E402
 
@@ -245,16 +245,12 @@ def main() -> None:
     if args.child:
         child_main(args)
         return
-    import ray
-    import vllm
-
     out = args.out.resolve()
     write_lines(captions_file(args), specific_captions(args.captions))
     for case in args.cases.split(","):
         model_for(args, case)   # built once here, not in two children at once
-    results: dict = {"machine": machine(), "versions": {"vllm": vllm.__version__, "ray": ray.__version__},
-                     "command": " ".join(["bench/translate_vllm.py", *sys.argv[1:]]), "captions": args.captions,
-                     "eos_norm": args.eos_norm, "label": args.label, "batch": stage_batch_size(), "runs": []}
+    results = results_header("bench/translate_vllm.py", args, captions=args.captions, eos_norm=args.eos_norm,
+                             batch=stage_batch_size())
     child_args = ["--captions", str(args.captions), "--out", str(out), "--eos-norm", str(args.eos_norm)]
     run_rounds(args, Path(__file__).resolve(), results, out / "translate-vllm-results.json", child_args, progress)
     results["summary"], results["same_tokens"] = summarize(results["runs"]), same_tokens(results["runs"])
