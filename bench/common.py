@@ -100,6 +100,18 @@ def run_child(script: Path, args: list[str], result_path: Path, timeout_s: float
     return result
 
 
+def steady_as_stage(finish_s: list[float] | None, first_rows: int) -> float | None:
+    """The baseline's rate counted as the stage counts its own (`report.rows_per_s`): rows after
+    the first `first_rows` results (a stage run's first_batch_rows) over the time
+    from them to the last. The same formula on both sides, so its bias (requests finished before
+    the first results count as after them) cancels in the ratio."""
+    if not finish_s or first_rows >= len(finish_s):
+        return None
+    k = max(1, first_rows)
+    span = finish_s[-1] - finish_s[k - 1]
+    return (len(finish_s) - k) / span if span > 0 else None
+
+
 # --------------------------------------------------------------------------- the plain client
 
 async def _post_all(url: str, payloads: list[dict], concurrency: int, timeout_s: float) -> tuple[float, list]:
@@ -127,7 +139,8 @@ def plain_client_run(base_url: str, payloads: list[dict], concurrency: int, time
     t_last = max(t for t, _ in answers)
     return {"route": "baseline", "rows": len(answers), "wall_s": t_last - t0,
             "rows_per_s": len(answers) / (t_last - t0),
-            "t_first_send": t0, "t_last_answer": t_last, "lengths": percentiles([n for _, n in answers])}
+            "t_first_send": t0, "t_last_answer": t_last, "answer_s": sorted(t - t0 for t, _ in answers),
+            "lengths": percentiles([n for _, n in answers])}
 
 
 # --------------------------------------------------------------------------- script plumbing

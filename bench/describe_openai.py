@@ -20,9 +20,8 @@ Routes, each in a fresh process, alternated per repeat so drift on the machine h
 The ratio is taken like for like, from outside both routes: rows over the span in which the server
 had requests (its /metrics, polled every 0.2 s: from the first request seen to the last one gone),
 which excludes the stage's start-up and needs no timer inside the stage. The stage's own steady
-rate (`report.rows_per_s`, after its first results) against the baseline's first-send-to-last-answer
-rate is shown in brackets: the report's rate counts requests finished before its first results as
-"after" them, which flatters it when many requests are in flight. Sanity: greedy, so every route
+rate (`report.rows_per_s`, after its first results) against the baseline's rate counted the same
+way (after as many answers as the stage's first results) is shown in brackets. Sanity: greedy, so every route
 must produce the same total of output tokens.
 
 Results: a markdown table on stdout, the "describe: openai engine" section of docs/benchmarks.md
@@ -47,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
 from bench.common import (Timeline, add_run_args, finish, lengths_cell, plain_client_run, ratio_lines,  # noqa: E402
-                          ratios_to_baseline, results_header, run_rounds, same_tokens)
+                          ratios_to_baseline, results_header, run_rounds, same_tokens, steady_as_stage)
 from bench.describe import (EOS_NORM, MAX_TOKENS, PROMPT, STAGE_MEDIA, build_model, make_images,  # noqa: E402
                             percentiles)
 from bench.docs_section import replace_section  # noqa: E402
@@ -229,14 +228,15 @@ class BusySpan:
 
 def summarize(runs: list[dict]) -> dict:
     """The ratio: rows over the server's busy span, the same outside measure for both routes.
-    Also kept (ratio_report): the stage's own steady rate (`report.rows_per_s`, after its first
-    results) over the baseline's first-send-to-last-answer rate."""
+    Also kept (ratio_report): the stage's own steady rate (`report.rows_per_s`) over the
+    baseline's rate counted the same way (after as many answers as the stage's first results)."""
     summary = ratios_to_baseline(runs, "rows_per_busy_s")
     for run in runs:
         base = next((r for r in runs if r["route"] == "baseline" and r["case"] == run["case"]
                      and r["round"] == run["round"]), None)
         if "ratio" in run and base:
-            run["ratio_report"] = run["rows_per_s"] / base["rows_per_s"]
+            alike = steady_as_stage(base["answer_s"], run["first_batch_rows"])
+            run["ratio_report"] = run["rows_per_s"] / alike if alike else float("nan")
     return summary
 
 
@@ -253,9 +253,9 @@ def markdown(results: dict) -> str:
              f"{results['concurrency']})`. Rows/s: rows over the span in which the server had requests in its "
              f"scheduler (its /metrics polled every 0.2 s), the same outside measure for both routes (the stage's "
              f"start-up is outside it); CPU shares over that span. In brackets, each route's own measure: the "
-             f"client's first-send-to-last-answer rate, the stage's steady rate (`report.rows_per_s`), and their "
-             f"ratio (the report's rate counts requests finished before its first results as after them: it "
-             f"flatters). Others' CPU "
+             f"client's first-send-to-last-answer rate, the stage's steady rate (`report.rows_per_s`), and the "
+             f"latter's ratio to the baseline's rate counted the same way (rows after as many answers as the "
+             f"stage's first results, over the time from them to the last answer). Others' CPU "
              f"excludes the server, whose share is its own column. Command: `{results['command']}`.", "",
              "| case | round | route | requests | output tokens p10 / p50 / p90 / max (total) | mean requests at "
              "the server | server CPU | others' CPU | our CPU (cores) | rows/s (own measure) | stage/baseline "

@@ -16,11 +16,12 @@ process, alternated per repeat:
   Steady rows/s after the first results (`report.rows_per_s`).
 Three ratios per stage run:
 - like for like (the one in bold): the stage's steady rate (`report.rows_per_s`: rows after its
-  first results over the time after them) against the baseline's rate counted the same way, from
-  vLLM's per-request finish times (`metrics.last_token_ts`, log stats on in both routes): rows
-  after its first block of `batch_size` strings to be all finished. That formula flatters any
-  route when many requests are in flight (rows finished before the first results count as after
-  them: 1.9x on the baseline at 1000 strings here); the same formula on both sides cancels it.
+  first results over the time from them to its last results) against the baseline's rate counted
+  the same way, from vLLM's per-request finish times (`metrics.last_token_ts`, log stats on in
+  both routes): rows after as many requests as the stage's first results, over the time from them
+  to the last. That formula flatters any route whose first results come late while many requests
+  are in flight (rows finished before count as after them: 1.9x on the baseline at 1000 strings
+  with 64-string first results here); the same formula on both sides cancels it.
 - against the baseline's generate() rate (the issue's literal comparison; flatters the stage);
 - end to end: rows over the time from `LLM()` to the end of generate() against rows over the
   stage's whole run (Ray, actor and engine start-up included: handicaps the stage).
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import shutil
 import sys
 import time
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
 from bench.common import (Timeline, add_run_args, finish, lengths_cell, ratio_lines, ratios_to_baseline,  # noqa: E402
-                          results_header, run_rounds, same_tokens)
+                          results_header, run_rounds, same_tokens, steady_as_stage)
 from bench.describe import percentiles, scale_eos  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 from bench.translate import specific_captions, write_lines  # noqa: E402
@@ -113,30 +115,17 @@ def run_baseline(args: argparse.Namespace) -> dict:
     lengths = [len(o.outputs[0].token_ids) for o in outputs]
     return {"route": "baseline", "startup_s": startup_s, "wall_s": t2 - t1, "rows": len(outputs),
             "rows_per_s": len(outputs) / (t2 - t1), "end_to_end_rows_per_s": len(outputs) / (t2 - t0),
-            "steady_rows_per_s": steady_as_stage(outputs, stage_batch_size()),
+            "finish_s": finish_times(outputs),
             "lengths": percentiles(lengths), **timeline.window(t1, t2)}
 
 
-def stage_batch_size() -> int:
-    """The stage's default strings per engine call (TranslateConfig.batch_size)."""
-    import dataclasses
-
-    from pipelines import translate
-    return next(f.default for f in dataclasses.fields(translate.TranslateConfig) if f.name == "batch_size")
-
-
-def steady_as_stage(outputs: list, batch: int) -> float | None:
-    """The baseline's rate counted as the stage counts its own (`report.rows_per_s`): rows after
-    the first batch of `batch` requests (in the stage's order) to be all finished, over the time
-    after it. The same formula on both sides, so its bias (requests finished before the first
-    batch count as after it) cancels in the ratio. Finish times: vLLM's per-request
-    metrics.last_token_ts (None when this vLLM does not give them)."""
+def finish_times(outputs: list) -> list[float] | None:
+    """Each request's engine-side finish time (vLLM's metrics.last_token_ts, log stats on),
+    sorted, from the first one; None when this vLLM does not give them."""
     done = [getattr(getattr(o, "metrics", None), "last_token_ts", None) for o in outputs]
     if not all(done):
         return None
-    first = min(max(done[i:i + batch]) for i in range(0, len(done), batch))
-    after = len(done) - batch
-    return after / (max(done) - first) if after > 0 and max(done) > first else None
+    return [t - min(done) for t in sorted(done)]
 
 
 def run_stage(args: argparse.Namespace, executor: str) -> dict:
@@ -181,23 +170,26 @@ def child_main(args: argparse.Namespace) -> None:
 
 def summarize(runs: list[dict]) -> dict:
     """Three ratios per stage run: like for like (ratio: the stage's steady rate over the
-    baseline's, counted the same way), against the baseline's generate() rate (ratio_generate)
-    and end to end (ratio_end_to_end)."""
+    baseline's, counted the same way with the stage's own first results), against the
+    baseline's generate() rate (ratio_generate) and end to end (ratio_end_to_end)."""
     medians = {}
     for name, key in (("end_to_end", "end_to_end_rows_per_s"), ("generate", "rows_per_s")):
         medians[name] = ratios_to_baseline(runs, key)
         for run in runs:
             if "ratio" in run:
                 run[f"ratio_{name}"] = run.pop("ratio")
-    for run in runs:   # the stage's steady rate is its rows_per_s; the baseline's is computed
-        run.setdefault("steady_rows_per_s", run["rows_per_s"])
-    if any(r["route"] == "baseline" and r["steady_rows_per_s"] is None for r in runs):
-        return {k: v | {"median_generate": v["median"]} for k, v in medians["generate"].items()}
-    summary = ratios_to_baseline(runs, "steady_rows_per_s")
-    for key, value in summary.items():
-        value.update(median_generate=medians["generate"][key]["median"],
-                     median_end_to_end=medians["end_to_end"][key]["median"])
-    return summary
+    out: dict = {}
+    for run in runs:
+        base = next((r for r in runs if r["route"] == "baseline" and r["case"] == run["case"]
+                     and r["round"] == run["round"]), None)
+        if run["route"] == "baseline" or base is None:
+            continue
+        run["baseline_steady_rows_per_s"] = steady_as_stage(base.get("finish_s"), run["first_batch_rows"])
+        if run["baseline_steady_rows_per_s"]:
+            run["ratio"] = run["rows_per_s"] / run["baseline_steady_rows_per_s"]
+            out.setdefault(f"{run['case']}/{run['route']}", []).append(run["ratio"])
+    return {key: {"ratios": v, "median": statistics.median(v), "median_generate": medians["generate"][key]["median"],
+                  "median_end_to_end": medians["end_to_end"][key]["median"]} for key, v in out.items()}
 
 
 def markdown(results: dict) -> str:
@@ -208,22 +200,23 @@ def markdown(results: dict) -> str:
              f"chat template, greedy, max_tokens {MAX_TOKENS} (fixed case: {FIXED_TOKENS}, ignore_eos), "
              f"`enforce_eager`, each run in a fresh process. Baseline: one `LLM.generate` over all the strings, "
              f"timed after engine start (its generate() rate is the first rows/s column). Stage: `translate.run()`, "
-             f"its steady rows/s after its first results (`report.rows_per_s`). Steady: the baseline's rate counted "
-             f"the same way (rows after its first batch of {results['batch']} to finish, from vLLM's per-request "
+             f"its steady rows/s after its first results (`report.rows_per_s`). Baseline counted alike: the "
+             f"baseline's rate counted the same way (rows after as many requests as the stage's first results, to "
+             f"the last, from vLLM's per-request "
              f"finish times), so that the formula's bias (requests finished before the first results count as "
              f"after them) cancels: stage/baseline is steady against steady; in brackets, the stage's steady rate "
              f"against the baseline's generate() rate. End to end: rows over the time from `LLM()` to the end of "
              f"generate() against rows over the stage's whole run (Ray, actor and engine start-up included: "
              f"this handicaps the stage). Command: `{results['command']}`.", "",
              "| case | round | route | requests | output tokens p10 / p50 / p90 / max (total) | others' CPU "
-             "| our CPU (cores) | engine start (s) | rows/s | steady rows/s | stage/baseline (vs generate()) "
+             "| our CPU (cores) | engine start (s) | rows/s | baseline counted alike | stage/baseline (vs generate()) "
              "| rows/s end to end | stage/baseline end to end |", "|" + "---|" * 13]
     for run in results["runs"]:
         ratio = ""
         if "ratio_generate" in run:
             ratio = f"**{run['ratio']:.2f}** ({run['ratio_generate']:.2f})" if "ratio" in run else \
                 f"({run['ratio_generate']:.2f})"
-        steady = run.get("steady_rows_per_s")
+        steady = run.get("baseline_steady_rows_per_s")
         end_to_end = f"{run['ratio_end_to_end']:.2f}" if "ratio_end_to_end" in run else ""
         lines.append(f"| {CASES[run['case']]} | {run['round']} | {ROUTE_LABELS[run['route']]} | {run['rows']} | "
                      f"{lengths_cell(run['lengths'])} | {run.get('foreign_cpu_share', 0):.0%} | "
@@ -254,8 +247,7 @@ def main() -> None:
     write_lines(captions_file(args), specific_captions(args.captions))
     for case in args.cases.split(","):
         model_for(args, case)   # built once here, not in two children at once
-    results = results_header("bench/translate_vllm.py", args, captions=args.captions, eos_norm=args.eos_norm,
-                             batch=stage_batch_size())
+    results = results_header("bench/translate_vllm.py", args, captions=args.captions, eos_norm=args.eos_norm)
     child_args = ["--captions", str(args.captions), "--out", str(out), "--eos-norm", str(args.eos_norm)]
     run_rounds(args, Path(__file__).resolve(), results, out / "translate-vllm-results.json", child_args, progress)
     results["summary"], results["same_tokens"] = summarize(results["runs"]), same_tokens(results["runs"])
