@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this chec
 
 from bench.common import (Timeline, add_run_args, finish, lengths_cell, ratio_lines, ratios_to_baseline,  # noqa: E402
                           results_header, run_rounds, same_tokens, steady_as_stage)
-from bench.describe import percentiles, scale_eos  # noqa: E402
+from bench.describe import finish_times, percentiles, scale_eos  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 from bench.translate import specific_captions, write_lines  # noqa: E402
 
@@ -117,15 +117,6 @@ def run_baseline(args: argparse.Namespace) -> dict:
             "rows_per_s": len(outputs) / (t2 - t1), "end_to_end_rows_per_s": len(outputs) / (t2 - t0),
             "finish_s": finish_times(outputs),
             "lengths": percentiles(lengths), **timeline.window(t1, t2)}
-
-
-def finish_times(outputs: list) -> list[float] | None:
-    """Each request's engine-side finish time (vLLM's metrics.last_token_ts, log stats on),
-    sorted, from the first one; None when this vLLM does not give them."""
-    done = [getattr(getattr(o, "metrics", None), "last_token_ts", None) for o in outputs]
-    if not all(done):
-        return None
-    return [t - min(done) for t in sorted(done)]
 
 
 def run_stage(args: argparse.Namespace, executor: str) -> dict:
