@@ -1,7 +1,7 @@
 """The describe stage: detailed MLLM descriptions of every item, one row per (item, view).
 
 Data flow (the shared runner, pipelines/runner.py): manifest rows still to do -> `load_batch`
-on CPU tasks (safe decode, EXIF, RGB, bounded pixels; video frames with decord) ->
+on Ray CPU tasks (safe decode, EXIF, RGB, bounded pixels; video frames with decord) ->
 `describe_stream` on engine actors (one engine each; one per GPU), which hands back each row
 as soon as its request finishes -> the driver, which adds provenance and writes Parquet
 files under names derived from their row keys, atomically. A rerun reads the keys already
@@ -295,9 +295,6 @@ def _ingest_error_rows(items: list[dict]) -> list[dict]:
 
 # --------------------------------------------------------------------------- engine plumbing
 
-_LOADED = pa.schema([("item_id", pa.string()), ("views", pa.string()), ("media_type", pa.string()),
-                     ("pixels", pa.large_binary()), ("shape", pa.list_(pa.int64())),
-                     ("error_kind", pa.string()), ("error", pa.string())])
 _ENGINE_OUT = pa.schema([f for f in schemas.DESCRIPTIONS if f.name in {
     "item_id", "view", "media_type", "text", "finish_reason", "n_frames", "width", "height",
     "prompt_tokens", "output_tokens", "latency_s", "error_kind", "error"}])
@@ -313,7 +310,7 @@ def _stream_rows(cfg: DescribeConfig, items: list[dict], writer: DescriptionWrit
                       stream_fn=partial(describe_stream, views={v.name: v for v in cfg.views}),
                       out_schema=_ENGINE_OUT, batch_size=items_per_batch, outputs_per_input=len(cfg.views),
                       max_in_flight=cfg.max_in_flight, num_cpus=cfg.engine_num_cpus,
-                      prepare=partial(load_batch, media_cfg=cfg.media), prepare_schema=_LOADED,
+                      prepare=partial(load_batch, media_cfg=cfg.media),
                       prepare_num_cpus=cfg.load_num_cpus)
     results = stream(rows, step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,
                      num_engines=cfg.num_engines)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from pathlib import Path
 from typing import Any
 
 from pipelines.engines.base import FatalEngineError
@@ -29,8 +28,6 @@ def init_ray(address: str | None) -> Any:
         # clusters only, and its ports stay on loopback (else Ray listens on every interface).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    # before Ray Data first configures its loggers: keep its notices off the console
-    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
     import ray
     if ray.is_initialized():
         return ray
@@ -39,9 +36,6 @@ def init_ray(address: str | None) -> Any:
     env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "OMP_", "TRANSFORMERS_"))}
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False       # our own bar reports rows, not Ray's operators
-    ctx.print_on_execution_start = False
     return ray
 
 

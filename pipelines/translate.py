@@ -1,7 +1,7 @@
 """The translate stage: pseudo-parallel captions, source captions machine-translated into each
 target language, one caption row (origin = mt) per (source caption, target language).
 
-Data flow (Ray Data, streaming): source captions (WORKDIR/captions human rows, or `--captions`
+Data flow (the shared runner, pipelines/runner.py): source captions (WORKDIR/captions human rows, or `--captions`
 Parquet / plain text) -> planning in the driver: drop the (caption, language, fingerprint) keys
 already written, clean each source text, and group identical texts per target language, so
 that each distinct string is translated once -> batches of distinct strings, sorted by length,
