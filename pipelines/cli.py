@@ -479,18 +479,35 @@ def make_sample_data(
 @app.command("make-tiny-model")
 def make_tiny_model(
     out: Path = typer.Option(..., help="Folder to create."),
-    family: str = typer.Option("qwen2-vl", help="qwen2-vl | llava | qwen2-chat | nllb | marian (the last three: "
-                                                "translate)."),
+    family: str = typer.Option("qwen2-vl", help="qwen2-vl | llava (describe) | qwen2-chat | nllb | marian (translate) | "
+                                                "clip | bert (train: --vision-model / --text-model)."),
     seed: int = typer.Option(0),
+    vocab_from: Optional[Path] = typer.Option(None, help="bert: a workdir whose captions and descriptions give the "
+                                                         "vocabulary (default: a small built-in corpus)."),
 ) -> None:
-    """Build a tiny random-weight MLLM locally (offline demo and tests; its text is noise)."""
+    """Build a tiny random-weight model locally (offline demo and tests; its outputs are noise)."""
     from pipelines import tiny_models
     builders = {"qwen2-vl": tiny_models.build_tiny_qwen2_vl, "llava": tiny_models.build_tiny_llava,
                 "qwen2-chat": tiny_models.build_tiny_qwen2_chat, "nllb": tiny_models.build_tiny_nllb,
-                "marian": tiny_models.build_tiny_marian}
+                "marian": tiny_models.build_tiny_marian, "clip": tiny_models.build_tiny_clip,
+                "bert": tiny_models.build_tiny_bert}
     if family not in builders:
         _fail(EXIT_BAD_INPUT, f"unknown family {family!r}; choose one of {', '.join(builders)}")
-    typer.echo(str(builders[family](out, seed=seed)))
+    if vocab_from is not None and family != "bert":
+        _fail(EXIT_BAD_INPUT, "--vocab-from is for --family bert")
+    kwargs: dict[str, Any] = {}
+    if vocab_from is not None:
+        from pipelines.synthetic import workdir_texts
+        try:
+            kwargs["texts"] = workdir_texts(vocab_from)
+        except (OSError, ValueError) as err:
+            _fail(EXIT_BAD_INPUT, f"--vocab-from {vocab_from}: {err}")
+        if not kwargs["texts"]:
+            _fail(EXIT_BAD_INPUT, f"--vocab-from {vocab_from}: no captions or descriptions there")
+    try:
+        typer.echo(str(builders[family](out, seed=seed, **kwargs)))
+    except FileExistsError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
 
 
 @app.command()
