@@ -465,6 +465,67 @@ def evaluate(
         report_json.write_text(json.dumps(report.as_dict(), indent=2, default=str))
 
 
+@app.command()
+def index(
+    workdir: Path = typer.Option(..., help="Working folder; the index goes to WORKDIR/index/<run>."),
+    lang: str = typer.Option(..., help="The train run to index (its name: the language unless --run-name was given)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (default: WORKDIR/checkpoints/<lang>/best.pt, "
+                                                         "else last.pt)."),
+    splits: Optional[str] = typer.Option(None, help="Only items of these splits, comma-separated (default: all)."),
+    exact_below: int = typer.Option(10_000, help="Exact search below this many vectors, HNSW at and above."),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    report_json: Optional[Path] = typer.Option(None, help="Also write the summary as JSON here."),
+) -> None:
+    """Embed every item and caption with a checkpoint; Parquet + a vector index (faiss)."""
+    from pipelines import index as stage
+    from pipelines.store import StageInputError
+    _quiet_hf_loading()
+    try:
+        report = stage.build(stage.IndexConfig(
+            workdir=workdir, run=lang, checkpoint=checkpoint, exact_below=exact_below, batch_size=batch_size,
+            device=device, progress=progress and sys.stderr.isatty(),
+            splits=tuple(x.strip() for x in (splits or "").split(",") if x.strip())))
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    typer.echo(f"index: {report.items} items, {report.captions} captions ({', '.join(report.langs)}), "
+               f"{report.dim}-d, {', '.join(f'{k} {v}' for k, v in report.kind.items())}; checkpoint "
+               f"{report.checkpoint} (step {report.step}); {report.wall_s:.1f} s; wrote {report.out_dir}", err=True)
+    _write_report(report_json, report.as_dict())
+
+
+@app.command()
+def search(
+    workdir: Path = typer.Option(..., help="Working folder holding WORKDIR/index/<lang>."),
+    lang: str = typer.Option(..., help="The indexed run (as given to `leccr-pipe index --lang`)."),
+    query: Optional[str] = typer.Option(None, help="Text query in a language the checkpoint was trained for -> items."),
+    image: Optional[Path] = typer.Option(None, help="Image query -> the nearest captions."),
+    k: int = typer.Option(5, "-k", "--top-k", help="Results to return."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+) -> None:
+    """Search the index: top-k items for a text query, or captions for an image."""
+    from pipelines import index as stage
+    from pipelines.store import StageInputError
+    _quiet_hf_loading()
+    try:
+        result = stage.search(stage.SearchConfig(workdir=workdir, run=lang, query=query, image=image, k=k,
+                                                 device=device))
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2, ensure_ascii=False))
+    else:
+        stage.print_search(result)
+
+
+def _write_report(path: Optional[Path], payload: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
+
+
 @app.command("make-sample-data")
 def make_sample_data(
     out: Path = typer.Option(..., help="Folder to create (COCO-style: images/, videos/, annotations/)."),
