@@ -526,6 +526,28 @@ def _write_report(path: Optional[Path], payload: dict) -> None:
         path.write_text(json.dumps(payload, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
 
 
+@app.command()
+def report(
+    workdir: Path = typer.Option(..., help="Working folder to report on."),
+    out: Optional[Path] = typer.Option(None, help="HTML file to write (default WORKDIR/report.html)."),
+    gallery: int = typer.Option(24, help="Items in the gallery."),
+    example_searches: int = typer.Option(3, help="Held-out queries to run on the index when no search was saved "
+                                                 "in WORKDIR/search/ (0: none)."),
+) -> None:
+    """One self-contained HTML page: stages, gallery, errors, training and recall plots, searches."""
+    from pipelines import report as stage
+    from pipelines.store import StageInputError
+    _quiet_hf_loading()
+    try:
+        result = stage.build(stage.ReportConfig(workdir=workdir, out=out, gallery=gallery,
+                                                example_searches=example_searches))
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    shown = ", ".join(f"{k}: {v}" for k, v in result.sections.items())
+    typer.echo(f"report: {shown}" + "".join(f"\nnote: {n}" for n in result.notes), err=True)
+    typer.echo(str(result.path))
+
+
 @app.command("make-sample-data")
 def make_sample_data(
     out: Path = typer.Option(..., help="Folder to create (COCO-style: images/, videos/, annotations/)."),
