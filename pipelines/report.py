@@ -177,20 +177,48 @@ def _flat(value: Any, limit: int = 300) -> str:
     return esc(text if len(text) <= limit else text[:limit] + " ...")
 
 
-def stages_section(workdir: Path, manifest, captions, descriptions) -> tuple[str, int]:
-    counts = [("manifest", f"{len(manifest)} items ({', '.join(f'{k}: {v}' for k, v in sorted(Counter((r['split'] or '-') for r in manifest).items()))})"),
-              ("descriptions", f"{len(descriptions)} rows, views: {', '.join(sorted({r['view'] for r in descriptions})) or '-'}"),
-              ("captions", ", ".join(f"{lang} {origin}: {n}" for (lang, origin), n in
-                                     sorted(Counter((r["lang"], r["origin"]) for r in captions).items())) or "-")]
-    html_parts = [_table([(esc(k), esc(v)) for k, v in counts], ("data", "rows"))]
-    summaries = sorted((workdir / REPORTS_DIR).glob("*.json")) if (workdir / REPORTS_DIR).is_dir() else []
-    for path in summaries:
-        data = _read_json(path)
-        if not isinstance(data, dict):
+STAGE_ORDER = ("ingest", "import-benchmark", "describe", "translate", "train", "evaluate", "index")
+
+
+def _facts(data: dict, limit: int = 10) -> str:
+    """The short scalar fields of a summary (numbers rounded), for one table cell."""
+    facts = []
+    for key, value in data.items():
+        if isinstance(value, bool) or value is None or (isinstance(value, str) and ("/" in value or len(value) > 40)):
             continue
-        rows = [(esc(k), _flat(v)) for k, v in data.items()]
-        html_parts.append(f"<h3>{esc(path.stem)}</h3>{_table(rows)}")
-    return "".join(html_parts), len(summaries)
+        if isinstance(value, float):
+            facts.append(f"{key} {value:.2f}")
+        elif isinstance(value, (int, str)):
+            facts.append(f"{key} {value}")
+        elif key in ("errors", "metrics", "skipped", "kind") and isinstance(value, dict) and value:
+            facts.append(f"{key} " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in list(value.items())[:8]))
+    return esc(" \u00b7 ".join(facts[:limit]))
+
+
+def stages_section(workdir: Path, manifest, captions, descriptions) -> tuple[str, int]:
+    """Counts read from the data, then one row per saved stage summary (full JSON folded)."""
+    splits = Counter((r["split"] or "-") for r in manifest)
+    rows = [("manifest", esc(f"{len(manifest)} items; " + ", ".join(f"{k} {v}" for k, v in sorted(splits.items())))),
+            ("descriptions", esc(f"{len(descriptions)} rows; views "
+                                 + (", ".join(sorted({r["view"] for r in descriptions})) or "-"))),
+            ("captions", esc(", ".join(f"{lang} {origin} {n}" for (lang, origin), n in
+                                       sorted(Counter((r["lang"], r["origin"]) for r in captions).items())) or "-"))]
+    data_table = _table(rows, ("data", "rows"))
+    summaries = sorted((workdir / REPORTS_DIR).glob("*.json")) if (workdir / REPORTS_DIR).is_dir() else []
+
+    def order(path: Path) -> tuple:
+        base = next((s for s in STAGE_ORDER if path.stem == s or path.stem.startswith(s + "-")), None)
+        return (STAGE_ORDER.index(base) if base else len(STAGE_ORDER), path.stem)
+    stage_rows = []
+    for path in sorted(summaries, key=order):
+        data = _read_json(path)
+        if isinstance(data, dict):
+            full = esc(json.dumps(data, indent=1, ensure_ascii=False, default=str))
+            stage_rows.append((f"<b>{esc(path.stem)}</b>",
+                               f"{_facts(data)}<details><summary>all fields</summary><pre>{full}</pre></details>"))
+    stages = _table(stage_rows, ("stage", "summary")) if stage_rows else "<p>No saved stage summaries.</p>"
+    return data_table + stages, len(stage_rows)
 
 
 def gallery_section(manifest, captions, descriptions, limit: int) -> tuple[str, int, int]:
@@ -277,7 +305,6 @@ def _example_searches(workdir: Path, count: int) -> list[dict]:
     from pipelines.index import INDEX_DIR, Searcher
     results = []
     for folder in sorted(p for p in (workdir / INDEX_DIR).glob("*") if (p / "meta.json").is_file()):
-        meta = _read_json(folder / "meta.json") or {}
         caps = pq.read_table(folder / "captions.parquet", columns=["item_id", "split", "lang", "origin", "text"])
         queries = [c for c in caps.to_pylist() if c["origin"] == "human" and c["lang"] != "en"
                    and c["split"] in ("test", "val")]
@@ -289,7 +316,6 @@ def _example_searches(workdir: Path, count: int) -> list[dict]:
             result = searcher.text(c["text"], 5).as_dict()
             result["expected_item"] = c["item_id"]
             results.append(result)
-        del meta
     return results
 
 
@@ -342,7 +368,7 @@ td, th { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; text-ali
 .err { background: #ffc9c9; border-radius: 3px; padding: 0 3px; }
 .plot { max-width: 100%; display: block; margin: 8px 0; background: white; }
 .results { display: flex; gap: 8px; flex-wrap: wrap; } .result { font-size: 11px; text-align: center; padding: 4px; }
-.result.hit { outline: 3px solid #2ca02c; } .note { color: #666; font-size: 12px; }
+.result.hit { outline: 3px solid #2ca02c; } .note { color: #666; font-size: 12px; }\npre { font-size: 11px; max-height: 300px; overflow: auto; } summary { cursor: pointer; color: #555; }
 """
 
 
