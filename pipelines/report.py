@@ -77,14 +77,14 @@ def _latest_per_view(descriptions: list[dict]) -> dict[str, dict[str, dict]]:
 
 # --------------------------------------------------------------------------- pieces of the page
 
-def thumbnail(path: Path) -> str | None:
+def thumbnail(root: Path, relpath: str) -> str | None:
     """A data: URI JPEG thumbnail of an image or of a video's middle frame; None if unreadable
-    (the media loader's own checks: confinement to its folder, bombs, corrupt files)."""
+    (the media loader's own checks: confinement to the item's root, bombs, corrupt files)."""
     from PIL import Image
 
     from pipelines.media import MediaConfig, MediaError, load_media
     try:
-        media = load_media(path.parent, path.name, MediaConfig(max_pixels=THUMB_PX * THUMB_PX * 2, video_frames=3))
+        media = load_media(root, relpath, MediaConfig(max_pixels=THUMB_PX * THUMB_PX * 2, video_frames=3))
     except MediaError:
         return None
     pixels = media.pixels if media.pixels.ndim == 3 else media.pixels[len(media.pixels) // 2]
@@ -236,7 +236,7 @@ def gallery_section(manifest, captions, descriptions, limit: int) -> tuple[str, 
     chosen = sorted(good, key=lambda r: (order.get(r["split"] or "", 2), r["item_id"]))[:limit]
     cards, shown = [], 0
     for r in chosen:
-        uri = thumbnail(Path(r["root"]) / r["relpath"])
+        uri = thumbnail(Path(r["root"]), r["relpath"])
         shown += uri is not None
         img = (f'<img class="thumb" src="{uri}" alt="{esc(r["relpath"])}">' if uri
                else '<div class="thumb missing">no preview</div>')
@@ -334,7 +334,8 @@ def search_section(workdir: Path, count: int, thumbs: dict[str, str | None]) -> 
         if s["target"] == "items":
             cells = []
             for h in s["hits"]:
-                uri = thumbs.get(h["item_id"]) or thumbnail(Path(h["path"]))
+                # an indexed item's path (confined when it was ingested)
+                uri = thumbs.get(h["item_id"]) or thumbnail(Path(h["path"]).parent, Path(h["path"]).name)
                 thumbs[h["item_id"]] = uri
                 mark = " hit" if expected and h["item_id"] == expected else ""
                 img = f'<img class="thumb small" src="{uri}" alt="{esc(h["item_id"])}">' if uri else "no preview"
