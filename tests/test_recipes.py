@@ -284,3 +284,16 @@ def test_a_failing_step_stops_the_recipe_with_its_exit_code(tmp_path):
                     "[[steps]]\ncommand = 'report'\n", encoding="utf-8")
     done = run_cli("run", path)
     assert done.returncode == 2 and "ingest failed (exit 2)" in done.stderr and "[2/2]" not in done.stderr
+
+
+def test_new_commands_keep_help_instant():
+    import subprocess
+    import sys
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom pipelines.cli import app\n"
+            "for cmd in ('index', 'search', 'report', 'run', 'demo', 'make-tiny-model'):\n"
+            "    assert CliRunner().invoke(app, [cmd, '--help']).exit_code == 0, cmd\n"
+            "heavy = [m for m in ('torch', 'ray', 'vllm', 'transformers', 'faiss', 'matplotlib', 'pyarrow')\n"
+            "         if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
