@@ -3,7 +3,7 @@ score matrices fused as the config says, retrieval metrics and per-query ranks."
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,17 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+@contextmanager
+def eval_mode(model):
+    """The model in eval mode for the block; its mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _loader_args(device: torch.device, batch_size: int, num_workers: int) -> dict:
     return dict(batch_size=batch_size, num_workers=num_workers, shuffle=False, generator=loader_generator(0),
                 pin_memory=device.type == "cuda")
@@ -45,12 +56,10 @@ def embed_items(model, items: list, tokenizer, data_cfg: DataConfig, device: tor
     """ItemRecords -> (v_hat [I, e], m_hat [I, K, e] or None), in eval mode (the mode is restored)."""
     device = torch.device(device)
     autocast = autocast or nullcontext
-    was_training = model.training
-    model.eval()
-    try:
-        v_parts, m_parts = [], []
-        loader = torch.utils.data.DataLoader(ItemDataset(items, tokenizer, data_cfg, desc_cache),
-                                             collate_fn=collate_items, **_loader_args(device, batch_size, num_workers))
+    v_parts, m_parts = [], []
+    loader = torch.utils.data.DataLoader(ItemDataset(items, tokenizer, data_cfg, desc_cache),
+                                         collate_fn=collate_items, **_loader_args(device, batch_size, num_workers))
+    with eval_mode(model):
         for batch in loader:
             b = _to_device(batch, device)
             with autocast():
@@ -59,8 +68,6 @@ def embed_items(model, items: list, tokenizer, data_cfg: DataConfig, device: tor
             v_parts.append(out.v_hat.float().cpu())
             if out.m_hat is not None:
                 m_parts.append(out.m_hat.float().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(v_parts), torch.cat(m_parts) if m_parts else None
 
 
@@ -70,19 +77,15 @@ def embed_captions(model, captions: list, tokenizer, data_cfg: DataConfig, devic
     """CaptionRecords -> h [C, e] (the caption preprocessing of training), in eval mode."""
     device = torch.device(device)
     autocast = autocast or nullcontext
-    was_training = model.training
-    model.eval()
-    try:
-        h_parts = []
-        loader = torch.utils.data.DataLoader(CaptionDataset(captions, tokenizer, data_cfg), collate_fn=collate_captions,
-                                             **_loader_args(device, batch_size, num_workers))
+    h_parts = []
+    loader = torch.utils.data.DataLoader(CaptionDataset(captions, tokenizer, data_cfg), collate_fn=collate_captions,
+                                         **_loader_args(device, batch_size, num_workers))
+    with eval_mode(model):
         for batch in loader:
             b = _to_device(batch, device)
             with autocast():
                 h = model.encode_text(b["ids"], b["mask"])
             h_parts.append(h.float().cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(h_parts)
 
 

@@ -145,21 +145,17 @@ def build(cfg: IndexConfig) -> IndexReport:
 
     import numpy as np
 
-    from leccr_core.checkpoint import CheckpointError, load_checkpoint
     from leccr_core.data import CaptionRecord, DataConfig
     from leccr_core.evaluate import embed_captions, embed_items
     from leccr_core.train import resolve_device
-    from pipelines.evaluate import default_checkpoint, load_model
+    from pipelines.evaluate import default_checkpoint, load_model, read_checkpoint
     from pipelines.progress import progress_bar
     from pipelines.train import read_workdir, usable_items
 
     started = time.time()
     _faiss()                                              # fail before any work without it
     path = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint(cfg.workdir, cfg.run)
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as err:
-        raise store.StageInputError(str(err)) from None
+    ckpt = read_checkpoint(path)
     dc = DataConfig.from_dict(ckpt["data_config"])
     if dc.video_features:
         raise store.StageInputError("index: checkpoints trained on pre-extracted video features are not supported "
@@ -253,23 +249,19 @@ class Searcher:
     """An index folder loaded once (model, tables, faiss indexes) for many queries."""
 
     def __init__(self, index_dir: Path, device: str = "auto"):
-        from leccr_core.checkpoint import CheckpointError, load_checkpoint
+        self.dir = Path(index_dir)
+        if not (self.dir / "meta.json").is_file():                # before the heavy imports: fail fast
+            raise store.StageInputError(f"no index in {self.dir}: run `leccr-pipe index` first")
         from leccr_core.data import DataConfig
         from leccr_core.train import resolve_device
-        from pipelines.evaluate import load_model
+        from pipelines.evaluate import load_model, read_checkpoint
         faiss = _faiss()
-        self.dir = Path(index_dir)
-        if not (self.dir / "meta.json").is_file():
-            raise store.StageInputError(f"no index in {self.dir}: run `leccr-pipe index` first")
         self.meta = json.loads((self.dir / "meta.json").read_text(encoding="utf-8"))
         checkpoint = Path(self.meta["checkpoint"])
         if not checkpoint.is_file() or _checkpoint_stamp(checkpoint) != self.meta["checkpoint_stamp"]:
             raise store.StageInputError(f"the index in {self.dir} was built from {checkpoint}, which is gone or has "
                                         "changed since: run `leccr-pipe index` again")
-        try:
-            ckpt = load_checkpoint(checkpoint)
-        except CheckpointError as err:
-            raise store.StageInputError(str(err)) from None
+        ckpt = read_checkpoint(checkpoint)
         self.device = resolve_device(device)
         self.model, self.tokenizer, _ = load_model(ckpt, self.device)
         self.data_cfg = DataConfig.from_dict(ckpt["data_config"])

@@ -182,8 +182,6 @@ def test_search_cli_text_json_and_image(chain):
     assert all(a["score"] >= b["score"] for a, b in zip(result["hits"], result["hits"][1:]))
     assert all(Path(h["path"]).is_file() and h["descriptions"]["detailed"] and h["split"] == "test"
                for h in result["hits"])
-    table = run_cli("search", "--workdir", wd, "--run", "de", "--query", "ein roter Kreis", "-k", "2")
-    assert table.returncode == 0 and "score" in table.stdout
     image = Path(json.loads(text.stdout)["hits"][0]["path"])           # an indexed (test) image
     by_image = run_cli("search", "--workdir", wd, "--run", "de", "--image", image, "-k", "5", "--json")
     assert by_image.returncode == 0, by_image.stderr
@@ -192,6 +190,16 @@ def test_search_cli_text_json_and_image(chain):
     assert "indexed item" in found["notes"][0]
     bad = run_cli("search", "--workdir", wd, "--run", "nope", "--query", "x")
     assert bad.returncode == 2 and "leccr-pipe index" in bad.stderr
+
+
+@pytest.mark.slow
+def test_search_table_shows_scores_paths_and_descriptions(chain, capsys):
+    from pipelines.index import SearchConfig, print_search, search
+    result = search(SearchConfig(workdir=chain["wd"], run="de", query="ein roter Kreis", k=2))
+    print_search(result)
+    out = capsys.readouterr().out
+    assert "score" in out and "detailed:" in out and f"{result.hits[0]['score']:.4f}" in out
+    assert result.hits[0]["item_id"] in out
 
 
 def _chromium() -> str:
