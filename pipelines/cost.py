@@ -52,6 +52,9 @@ class CostEstimate:
 def parameter_count(model: str, revision: str | None = None) -> int | None:
     """Parameters from the safetensors headers (a local folder, or the hub's metadata); None
     when neither can be read."""
+    from pipelines.hub import unavailable
+    if unavailable(model):
+        return None
     folder = Path(model).expanduser()
     if folder.is_dir():
         from safetensors import safe_open
@@ -84,6 +87,18 @@ def gpu_time(estimate: CostEstimate, model: str, revision: str | None, tokens_pe
         return
     work = estimate.output_tokens_max + estimate.prompt_tokens / PREFILL_SPEEDUP
     estimate.gpu_hours_max = work / estimate.tokens_per_s / 3600
+
+
+class ModelMissing(RuntimeError):
+    pass
+
+
+def _model_missing(model: str) -> None:
+    """Raise before transformers would retry an unreachable hub (pipelines.hub)."""
+    from pipelines.hub import unavailable
+    reason = unavailable(model)
+    if reason:
+        raise ModelMissing(reason)
 
 
 def _spread(items: list, sample: int) -> list:
@@ -143,12 +158,12 @@ def estimate_describe(cfg, items: list[dict], tokens_per_s: float | None = None,
         return est
     if cfg.engine.engine == "openai":
         est.notes.append("openai engine: prompt tokens are counted with the model's processor when it loads here")
+    counter = None
     try:
+        _model_missing(cfg.engine.model)
         counter = PromptCounter(cfg.engine)
     except Exception as err:  # noqa: BLE001 - no processor here: say so, keep the other numbers
-        est.notes.append(f"the processor of {cfg.engine.model} cannot be loaded here ({type(err).__name__}): "
-                         "prompt tokens unknown")
-        counter = None
+        est.notes.append(f"the processor of {cfg.engine.model} cannot be loaded here ({err}): prompt tokens unknown")
     chosen = _spread(items, sample)
     counts, measured_rows = [], 0
     if counter is not None:
@@ -191,10 +206,10 @@ def estimate_translate(cfg, requests: list[dict], tokens_per_s: float | None = N
     est.output_tokens_max = n * cfg.engine.sampling.max_tokens
     chosen = _spread(requests, sample)
     try:
+        _model_missing(cfg.engine.model)
         counts = _count_translate_prompts(cfg, chosen)
     except Exception as err:  # noqa: BLE001 - no tokenizer here: say so, keep the other numbers
-        est.notes.append(f"the tokenizer of {cfg.engine.model} cannot be loaded here ({type(err).__name__}): "
-                         "prompt tokens unknown")
+        est.notes.append(f"the tokenizer of {cfg.engine.model} cannot be loaded here ({err}): prompt tokens unknown")
         counts = []
     if counts:
         est.measured = len(chosen)

@@ -462,42 +462,16 @@ def model_config(cfg: TrainStageConfig, media: str, feature_dim: int | None = No
         raise store.StageInputError(f"model config: {err}") from None
 
 
-HUB_PROBE_TIMEOUT_S = 3.0
-
-
 def check_encoder(name: str, flag: str, tiny_family: str) -> None:
-    """An encoder must be a local folder, a hub id already in the Hugging Face cache, or a hub
-    id on a hub that answers now. Anything else fails at once (StageInputError) naming the flag,
-    instead of transformers retrying an unreachable hub for half a minute before failing."""
-    import os
-
-    hint = (f"point {flag} at a local folder (a tiny offline one: `leccr-pipe make-tiny-model --family "
-            f"{tiny_family} --out DIR`)")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or path.exists():
-        raise store.StageInputError(f"{flag} {name}: no such model folder; {hint}")
-    from huggingface_hub import constants, try_to_load_from_cache
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0")
-    reason = "the Hugging Face hub is switched off (HF_HUB_OFFLINE)" if offline else _hub_unreachable(name)
+    """An encoder must be a local folder, a hub id in the Hugging Face cache, or a hub id the hub
+    answers for now (pipelines.hub). Anything else fails at once (StageInputError) naming the
+    flag, instead of transformers retrying an unreachable hub for half a minute before failing."""
+    from pipelines.hub import unavailable
+    reason = unavailable(name)
     if reason:
-        raise store.StageInputError(f"{flag} {name}: not a local folder and not in the Hugging Face cache, and "
-                                    f"{reason}; download it where the hub is reachable, or {hint}")
-
-
-def _hub_unreachable(name: str) -> str | None:
-    """None when the hub answers for this model id; else why not (one try, a short timeout)."""
-    import httpx
-    from huggingface_hub import constants
-    url = f"{constants.ENDPOINT}/api/models/{name}"
-    try:
-        status = httpx.head(url, timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=True).status_code
-    except httpx.HTTPError as err:
-        return f"the hub cannot be reached ({constants.ENDPOINT}: {type(err).__name__})"
-    return f"the hub has no model {name!r} (HTTP {status})" if status == 404 else None
+        raise store.StageInputError(f"{flag} {name}: {reason}; download it where the hub is reachable, or point "
+                                    f"{flag} at a local folder (a tiny offline one: `leccr-pipe make-tiny-model "
+                                    f"--family {tiny_family} --out DIR`)")
 
 
 def data_config(cfg: TrainStageConfig, mc, views: tuple[str, ...], video_features: Path | None = None):
