@@ -55,13 +55,17 @@ def test_describe_dry_run_predicts_the_real_prompt_tokens(workdir, tiny_qwen, tm
     assert json.loads((tmp_path / "dry8.json").read_text())["cost"]["prompt_tokens"] > estimate["prompt_tokens"]
 
 
-def test_default_speed_comes_from_the_model_size(workdir, tiny_qwen, tmp_path):
-    dry = _describe(workdir, tiny_qwen, "--max-tokens", "16", "--dry-run", "--report-json", tmp_path / "d.json")
-    assert dry.returncode == 0, dry.stderr
-    estimate = json.loads((tmp_path / "d.json").read_text())["cost"]
-    assert estimate["tokens_per_s"] == cost.DEFAULT_TOKENS_PER_S[0][1]   # a tiny model: the smallest class
-    assert "assumed default" in estimate["tokens_per_s_source"]
-    bad = _describe(workdir, tiny_qwen, "--dry-run", "--tokens-per-s", "0")
+def test_default_speed_comes_from_the_model_size(tiny_qwen, tmp_path):
+    estimate = cost.CostEstimate(rows=10, prompt_tokens=1000, output_tokens_max=320)
+    cost.gpu_time(estimate, str(tiny_qwen), None, None)
+    assert 100_000 < estimate.parameters < 10_000_000                   # read from the safetensors headers
+    assert estimate.tokens_per_s == cost.DEFAULT_TOKENS_PER_S[0][1]     # a tiny model: the smallest class
+    assert "assumed default" in estimate.tokens_per_s_source
+    assert estimate.gpu_hours_max == pytest.approx((320 + 1000 / cost.PREFILL_SPEEDUP) / estimate.tokens_per_s / 3600)
+    unknown = cost.CostEstimate(rows=1)
+    cost.gpu_time(unknown, str(tmp_path / "no-such-model"), None, None)  # no size, no figure: said, not guessed
+    assert unknown.gpu_hours_max is None and "--tokens-per-s" in unknown.notes[0]
+    bad = run_cli("describe", "--workdir", tmp_path, "--model", tiny_qwen, "--dry-run", "--tokens-per-s", "0")
     assert bad.returncode == 2 and "--tokens-per-s must be positive" in bad.stderr
 
 
