@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Decoders PIL may use for training media (the describe stage refuses the same others).
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")   # TIFF: its first page
 MAX_SOURCE_PIXELS = 89_478_485
 
 

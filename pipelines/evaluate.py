@@ -79,6 +79,15 @@ def default_checkpoint(workdir: Path, run: str) -> Path:
                                 "or pass --checkpoint")
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint (weights only); an unreadable one is unusable input (exit 2)."""
+    from leccr_core.checkpoint import CheckpointError, load_checkpoint
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as err:
+        raise store.StageInputError(str(err)) from None
+
+
 def load_model(ckpt: dict, device):
     """Rebuild the trained model from a checkpoint (the encoders' configs and tokenizer are
     read from the paths the model config names)."""
@@ -96,7 +105,6 @@ def load_model(ckpt: dict, device):
 
 
 def run(cfg: EvaluateConfig) -> EvaluateReport:
-    from leccr_core.checkpoint import CheckpointError, load_checkpoint
     from leccr_core.data import DataConfig
     from leccr_core.evaluate import embed, rank
     from leccr_core.train import autocast_factory, resolve_device, resolve_precision
@@ -107,10 +115,7 @@ def run(cfg: EvaluateConfig) -> EvaluateReport:
     if cfg.fusion_weight is not None and not 0.0 <= cfg.fusion_weight <= 1.0:
         raise store.StageInputError(f"--fusion-weight {cfg.fusion_weight} is not in [0, 1]")
     path = cfg.checkpoint or default_checkpoint(cfg.workdir, cfg.lang)
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as err:
-        raise store.StageInputError(str(err)) from None
+    ckpt = read_checkpoint(path)
     dc = DataConfig.from_dict(ckpt["data_config"])
     manifest, captions, descriptions = read_workdir(cfg.workdir, need_descriptions=bool(dc.views))
     counts: Counter = Counter()

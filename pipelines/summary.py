@@ -31,4 +31,7 @@ def print_describe_summary(report: "DescribeReport") -> None:
         table.add_row("wall time", f"{report.wall_s:.1f} s (start-up incl. first batch {report.startup_s:.1f} s)")
         table.add_row("throughput", f"{d['rows_per_s']:.2f} rows/s, {d['prompt_tokens_per_s']:.0f} prompt tok/s, "
                                     f"{d['output_tokens_per_s']:.0f} output tok/s (after the first batch)")
+    from pipelines.cost import summary_lines
+    for label, value in summary_lines(report.cost):
+        table.add_row(label, value)
     Console(stderr=True).print(table)

@@ -42,6 +42,7 @@ import pyarrow as pa
 import schemas
 from pipelines import ids, store
 from pipelines.sample_data import make_image_scene, render_scene
+from pipelines.tiny_models import build_tiny_encoders  # noqa: F401 - part of this module's API (tests, bench)
 
 ENGINE = "synthetic"
 MODEL = "leccr-pipe/synthetic-templates"
@@ -257,50 +258,6 @@ def workdir_texts(workdir: Path) -> list[str]:
     caps = store.read_folder(Path(workdir) / store.CAPTIONS_DIR, schemas.CAPTIONS, columns=["text"])
     descs = store.read_folder(Path(workdir) / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS, columns=["text"])
     return [t for t in caps.column("text").to_pylist() + descs.column("text").to_pylist() if t]
-
-
-INFLECTIONS = ("e", "em", "en", "er", "es")
-
-
-def build_tiny_encoders(out: Path, texts: Sequence[str], seed: int = 0, image_size: int = 64, patch_size: int = 16,
-                        width: int = 64, layers: int = 2, dropout: float = 0.0) -> tuple[Path, Path]:
-    """Random-weight CLIP vision tower (projection = width) and BERT (hidden = width) with a
-    whole-word WordPiece vocab of every word in `texts` (plus single characters, so no word
-    is ever [UNK]). Returns (vision folder, text folder)."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
-    from tokenizers.normalizers import BertNormalizer
-    from tokenizers.pre_tokenizers import BertPreTokenizer
-
-    out = Path(out)
-    # the fast BERT tokenizer's own normalisation (lowercase, accents stripped) and word split
-    norm, split = BertNormalizer(lowercase=True), BertPreTokenizer()
-    words = {w for t in texts for w, _ in split.pre_tokenize_str(norm.normalize_str(t))}
-    # WordPiece-like sharing for inflections: a word that is a stem (3+ letters; a word itself,
-    # or shared by several forms) plus a German adjective/article ending is left out, so
-    # "rotem" tokenizes as "rot ##em" and a form never seen in training shares its stem.
-    forms: dict[str, set[str]] = {}
-    for w in words:
-        for e in INFLECTIONS:
-            if w.endswith(e) and len(w) - len(e) >= 3:
-                forms.setdefault(w[:-len(e)], set()).add(w)
-    stems = {s for s, f in forms.items() if s in words or len(f) >= 2}   # "groß" from große/großer
-    words = sorted((words - {w for s in stems for w in forms[s]}) | stems)
-    chars = sorted({c for w in words for c in w})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *(f"##{e}" for e in INFLECTIONS)]
-    vocab += [c for c in chars if c not in set(vocab)] + [f"##{c}" for c in chars if f"##{c}" not in set(vocab)]
-    (out / "text").mkdir(parents=True, exist_ok=True)
-    (out / "text" / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    torch.manual_seed(seed)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=width, num_hidden_layers=layers, num_attention_heads=4,
-                         intermediate_size=2 * width, max_position_embeddings=256, hidden_dropout_prob=dropout,
-                         attention_probs_dropout_prob=dropout)).save_pretrained(out / "text")
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(out / "text")
-    CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=4,
-        image_size=image_size, patch_size=patch_size, projection_dim=width, attention_dropout=dropout,
-    )).save_pretrained(out / "vision")
-    return out / "vision", out / "text"
 
 
 def tiny_model_overrides(vision: Path, text: Path, image_size: int = 64, embed_dim: int = 32) -> dict[str, Any]:

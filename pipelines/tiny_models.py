@@ -13,6 +13,7 @@ torch/transformers are imported inside the functions so that importing this modu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -442,3 +443,97 @@ def _build_marian(out: Path, seed: int) -> dict:
     tokenizer.save_pretrained(out)
     shutil.rmtree(work)
     return {"params": sum(p.numel() for p in model.parameters())}
+
+
+# --------------------------------------------------------------------------- encoders for train
+
+# German adjective/article endings shared as "##" pieces (see _word_vocab).
+INFLECTIONS = ("e", "em", "en", "er", "es")
+
+
+def _word_vocab(texts) -> list[str]:
+    """A whole-word WordPiece vocab of every word in `texts` (plus single characters, so no word
+    is ever [UNK])."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    # the fast BERT tokenizer's own normalisation (lowercase, accents stripped) and word split
+    norm, split = BertNormalizer(lowercase=True), BertPreTokenizer()
+    words = {w for t in texts for w, _ in split.pre_tokenize_str(norm.normalize_str(t))}
+    # WordPiece-like sharing for inflections: a word that is a stem (3+ letters; a word itself,
+    # or shared by several forms) plus a German adjective/article ending is left out, so
+    # "rotem" tokenizes as "rot ##em" and a form never seen in training shares its stem.
+    forms: dict[str, set[str]] = {}
+    for w in words:
+        for e in INFLECTIONS:
+            if w.endswith(e) and len(w) - len(e) >= 3:
+                forms.setdefault(w[:-len(e)], set()).add(w)
+    stems = {s for s, f in forms.items() if s in words or len(f) >= 2}   # "groß" from große/großer
+    words = sorted((words - {w for s in stems for w in forms[s]}) | stems)
+    chars = sorted({c for w in words for c in w})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *(f"##{e}" for e in INFLECTIONS)]
+    return vocab + [c for c in chars if c not in set(vocab)] + [f"##{c}" for c in chars if f"##{c}" not in set(vocab)]
+
+
+def _save_tiny_bert(out: Path, vocab: list[str], width: int, layers: int, dropout: float) -> int:
+    from transformers import BertConfig, BertModel, BertTokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=width, num_hidden_layers=layers,
+                                 num_attention_heads=4, intermediate_size=2 * width, max_position_embeddings=256,
+                                 hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout))
+    model.save_pretrained(out)
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _save_tiny_clip(out: Path, image_size: int, patch_size: int, width: int, layers: int, dropout: float) -> int:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=4,
+        image_size=image_size, patch_size=patch_size, projection_dim=width, attention_dropout=dropout))
+    model.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_tiny_encoders(out: Path, texts, seed: int = 0, image_size: int = 64, patch_size: int = 16,
+                        width: int = 64, layers: int = 2, dropout: float = 0.0) -> tuple[Path, Path]:
+    """Random-weight CLIP vision tower (projection = width) and BERT (hidden = width) with a
+    whole-word vocab of `texts`, under out/vision and out/text (one seed for both, BERT first:
+    the synthetic learning check and its benchmarks depend on these exact weights)."""
+    import torch
+    out = Path(out)
+    torch.manual_seed(seed)
+    _save_tiny_bert(out / "text", _word_vocab(texts), width, layers, dropout)
+    _save_tiny_clip(out / "vision", image_size, patch_size, width, layers, dropout)
+    return out / "vision", out / "text"
+
+
+# Words the tiny BERT knows without a workdir: the built-in English and MT corpora.
+def _default_texts() -> list[str]:
+    return (_CORPUS + _MT_CORPUS).splitlines()
+
+
+def build_tiny_clip(out_dir: Path, seed: int = 0, image_size: int = 64) -> Path:
+    """Tiny CLIP vision tower with projection (64 wide, 2 layers, patch 16): a local
+    `train --vision-model` (train with `--image-size` equal to its image_size)."""
+    def build(out: Path, seed: int) -> dict:
+        import torch
+        torch.manual_seed(seed)
+        return {"params": _save_tiny_clip(out, image_size, 16, 64, 2, 0.0), "image_size": image_size}
+    return _build_atomically(Path(out_dir), f"clip_vision_{image_size}", seed, build)
+
+
+def build_tiny_bert(out_dir: Path, seed: int = 0, texts=None) -> Path:
+    """Tiny BERT (64 wide, 2 layers) whose vocab holds every word of `texts` (default: a small
+    built-in multilingual corpus; other words split into characters): a local `train --text-model`."""
+    words = list(texts) if texts is not None else _default_texts()
+    vocab = _word_vocab(words)
+    digest = hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:12]
+
+    def build(out: Path, seed: int) -> dict:
+        import torch
+        torch.manual_seed(seed)
+        return {"params": _save_tiny_bert(out, vocab, 64, 2, 0.0), "vocab_size": len(vocab)}
+    # the vocab is part of the family name: another vocab never silently reuses this folder
+    return _build_atomically(Path(out_dir), f"bert_{digest}", seed, build)

@@ -85,6 +85,7 @@ class TrainData:
     val: Any                                     # EvalSet | None
     counts: Counter = field(default_factory=Counter)
     fingerprints: dict[str, list[str]] = field(default_factory=dict)   # view -> description fingerprints used
+    notes: list[str] = field(default_factory=list)                     # choices made for the user, to print
 
 
 @dataclass
@@ -101,6 +102,7 @@ class TrainReport:
     summary: dict[str, Any]
     run_dir: str
     log_dir: str
+    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,10 +260,12 @@ def _latest_descriptions(descriptions: list[dict], views: tuple[str, ...]) -> tu
 
 
 def usable_items(manifest: list[dict], descriptions: list[dict], views: tuple[str, ...], media: str | None,
-                 counts: Counter, features: dict[str, Path] | None = None) -> tuple[dict[str, Any], str, dict]:
+                 counts: Counter, features: dict[str, Path] | None = None,
+                 notes: list[str] | None = None) -> tuple[dict[str, Any], str, dict]:
     """item_id -> ItemRecord for every item whose media can be used; counts what is skipped.
     With ``features`` (native video id -> .npy), video items are matched to their features by
-    the manifest's source_id: the video files themselves are not needed (nor read)."""
+    the manifest's source_id: the video files themselves are not needed (nor read). Without a
+    ``media`` choice a mixed manifest gives its images (and a line in ``notes``)."""
     from leccr_core.data import ItemRecord
     texts, desc_errors, prints = _latest_descriptions(descriptions, views)
     rows = []
@@ -279,10 +283,11 @@ def usable_items(manifest: list[dict], descriptions: list[dict], views: tuple[st
     kinds = Counter(r["media_type"] for r in rows)
     if media is None:
         known = {k for k in kinds if k in ("image", "video")}
-        if len(known) > 1:
-            raise store.StageInputError(f"the manifest mixes images ({kinds['image']}) and videos ({kinds['video']}): "
-                                        "choose one with --media image|video")
-        media = known.pop() if known else "image"
+        if len(known) > 1 and notes is not None:
+            # one model is for one kind of media: the images by default, said out loud
+            notes.append(f"the manifest mixes images ({kinds['image']}) and videos ({kinds['video']}): training on "
+                         "the images; --media video trains on the videos")
+        media = "image" if "image" in known or not known else "video"
     items = {}
     for r in rows:
         if r["media_type"] != media:
@@ -339,8 +344,9 @@ def load_train_data(cfg: TrainStageConfig, features: dict[str, Path] | None = No
     views = choose_views(descriptions, cfg.views) if need else ()
     if features is not None and cfg.media not in (None, "video"):
         raise store.StageInputError("--video-features is for videos; the media given is " + str(cfg.media))
+    notes: list[str] = []
     items, media, prints = usable_items(manifest, descriptions, views, "video" if features is not None else cfg.media,
-                                        counts, features)
+                                        counts, features, notes)
 
     train_ids = sorted(i for i, (_, s) in items.items() if s == cfg.train_split)
     if not train_ids:
@@ -391,7 +397,7 @@ def load_train_data(cfg: TrainStageConfig, features: dict[str, Path] | None = No
                 f"captions (splits in the manifest: {_splits(items)}); name another with --val-split, or train "
                 "without model selection: --val-split none")
     return TrainData(media=media, views=views, items=[items[i][0] for i in train_ids], pairs=pairs, val=val,
-                     counts=counts, fingerprints=prints)
+                     counts=counts, fingerprints=prints, notes=notes)
 
 
 # --------------------------------------------------------------------------- configs
@@ -435,12 +441,15 @@ def model_config(cfg: TrainStageConfig, media: str, feature_dim: int | None = No
         if explicit["d"] != feature_dim:
             raise store.StageInputError(f"d={explicit['d']} but the video features are {feature_dim}-d")
     merged = {**base, **explicit, "media": media}
+    vision_needed = not (media == "video" and merged.get("video_input", "clip_frames") == "features")
+    check_encoder(merged.get("text_model", LeccrConfig.text_model), "--text-model", "bert")
+    if vision_needed:
+        check_encoder(merged.get("vision_model", LeccrConfig.vision_model), "--vision-model", "clip")
     try:
         from transformers import AutoConfig
         if "text_width" not in explicit:
             text_model = merged.get("text_model", LeccrConfig.text_model)
             merged["text_width"] = AutoConfig.from_pretrained(text_model).hidden_size
-        vision_needed = not (media == "video" and merged.get("video_input", "clip_frames") == "features")
         if "d" not in explicit and vision_needed:
             vision_model = merged.get("vision_model", LeccrConfig.vision_model)
             vc = AutoConfig.from_pretrained(vision_model)
@@ -451,6 +460,18 @@ def model_config(cfg: TrainStageConfig, media: str, feature_dim: int | None = No
         return LeccrConfig(**merged)
     except (TypeError, ValueError) as err:
         raise store.StageInputError(f"model config: {err}") from None
+
+
+def check_encoder(name: str, flag: str, tiny_family: str) -> None:
+    """An encoder must be a local folder, a hub id in the Hugging Face cache, or a hub id the hub
+    answers for now (pipelines.hub). Anything else fails at once (StageInputError) naming the
+    flag, instead of transformers retrying an unreachable hub for half a minute before failing."""
+    from pipelines.hub import unavailable
+    reason = unavailable(name)
+    if reason:
+        raise store.StageInputError(f"{flag} {name}: {reason}; download it where the hub is reachable, or point "
+                                    f"{flag} at a local folder (a tiny offline one: `leccr-pipe make-tiny-model "
+                                    f"--family {tiny_family} --out DIR`)")
 
 
 def data_config(cfg: TrainStageConfig, mc, views: tuple[str, ...], video_features: Path | None = None):
@@ -566,7 +587,7 @@ def run(cfg: TrainStageConfig) -> TrainReport:
     return TrainReport(run=cfg.run, lang=cfg.lang, media=data.media, views=data.views, train_items=len(data.items),
                        train_rows=len(data.pairs), val_items=len(data.val.items) if data.val else 0,
                        val_captions=len(data.val.captions) if data.val else 0, skipped=dict(data.counts),
-                       summary=summary, run_dir=str(run_dir), log_dir=str(log_dir))
+                       summary=summary, run_dir=str(run_dir), log_dir=str(log_dir), notes=data.notes)
 
 
 def _steps_total(job) -> int:
@@ -688,6 +709,8 @@ def print_summary(report: TrainReport) -> None:
                           f"(en -> {report.lang}); val {report.val_items} items / {report.val_captions} captions; "
                           f"views {', '.join(report.views)}")
     table.add_row("skipped", ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items())) or "none")
+    for note in report.notes:
+        table.add_row("note", note)
     if s.get("ablate"):
         table.add_row("ablated", ", ".join(s["ablate"]) + f" (loss terms: {', '.join(s.get('loss_terms', []))})")
     if s:

@@ -57,6 +57,7 @@ class TranslateConfig:
     max_source_chars: int = 2000          # longer sources are error rows (captions are sentences)
     limit: int | None = None              # at most this many source captions (in caption_id order)
     dry_run: bool = False
+    tokens_per_s: float | None = None     # dry run: GPU output tok/s for the cost estimate
     overwrite: bool = False               # delete this stage's files for these targets first
     max_error_rate: float = 0.25
     executor: str = "ray"                 # ray | local (one engine in this process: tests, tiny runs)
@@ -87,6 +88,7 @@ class TranslateReport(StreamReport):
     fingerprints: dict[str, str] = field(default_factory=dict)
     scores: dict[str, dict] = field(default_factory=dict)
     dry_run: bool = False
+    cost: dict | None = None               # dry run: pipelines.cost.estimate_translate
 
     @property
     def dedup_saving(self) -> float:
@@ -525,6 +527,8 @@ def run(cfg: TranslateConfig) -> TranslateReport:
         report.rows_done_before, report.rows_todo = plan.rows_done, plan.rows_todo
         report.rows_to_engine, report.engine_requests = plan.rows_to_engine, len(plan.requests)
         if cfg.dry_run:
+            from pipelines import cost
+            report.cost = cost.estimate_translate(cfg, plan.requests, cfg.tokens_per_s).as_dict()
             return report
         writer = TranslationWriter(cfg, revision, report.fingerprints, specs, plan.fanout, report)
         with progress_bar("translate", plan.rows_todo, cfg.progress) as advance:
@@ -591,4 +595,7 @@ def print_summary(report: TranslateReport) -> None:
         for target, s in report.scores.items():
             table.add_row(f"score {target}", f"BLEU {s['bleu']:.2f}, chrF {s['chrf']:.2f} on {s['segments']} "
                                              f"segments ({s['untranslated']} untranslated) vs {s['references']}")
+    from pipelines.cost import summary_lines
+    for label, value in summary_lines(report.cost):
+        table.add_row(label, value)
     Console(stderr=True).print(table)

@@ -19,6 +19,17 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # them in every process (vLLM spawns subprocesses). Test/CI environment only.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cp scripts/cpu_env/torchvision_cpu_fix.py scripts/cpu_env/leccr_torchvision_cpu_fix.pth "$site/"
-.venv/bin/python -c 'import torchvision, vllm, ray, decord, av, transformers' 2>/dev/null \
+.venv/bin/python -c 'import torchvision, vllm, ray, decord, av, transformers, faiss, matplotlib, tensorboard' 2>/dev/null \
   || { echo "setup: the CPU environment does not import; see docs/environment notes" >&2; exit 1; }
+# The report test opens report.html in a real headless Chromium (the Debian package).
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium (apt-get) for the report test"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: chromium is missing and this is not root with apt-get: the report test will fail until" \
+         "someone runs 'sudo apt-get install -y chromium'" >&2
+  fi
+fi
 echo "setup: .venv ready ($(.venv/bin/python -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'))"

@@ -116,7 +116,8 @@ def test_summary_and_checkpoints(straight_and_resumed):
     assert s["finished"] and s["steps"] == s["steps_total"] == 7 and s["precision"] == "fp32"
     assert s["best_step"] in (4, 7) and s["best_val_rsum"] is not None
     assert Path(s["checkpoint_best"]).is_file() and Path(s["checkpoint_last"]).is_file()
-    assert s["tensorboard"] is False                       # not installed here: said once, JSONL only
+    assert s["tensorboard"] is True                        # installed with the train extra: curves logged
+    assert any((Path(straight.log_dir) / "tensorboard").glob("events.out.tfevents.*"))
     best = torch.load(s["checkpoint_best"], weights_only=True)
     assert best["position"]["step"] == s["best_step"] and best["best"]["rsum"] == s["best_val_rsum"]
     assert best["meta"]["lang"] == "de" and list(best["data_config"]["views"]) == ["detailed"]
