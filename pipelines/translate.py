@@ -65,7 +65,7 @@ class TranslateConfig:
     num_engines: int | None = None        # None: one per GPU (vllm/transformers), else 1
     engine_num_cpus: float = 1.0
     batch_size: int = 64                  # distinct strings per dispatch to an engine
-    max_in_flight: int | None = None      # requests owed per engine; None: 2x what it runs at once
+    max_in_flight: int | None = None      # requests owed per engine; None: 2x what it runs at once + 2 batches
     rows_per_file: int = 4096
     progress: bool = True
 

@@ -124,13 +124,18 @@ def _echo_stream(engine, rows: list[dict]):
 
 
 def test_stream_locally_hands_back_each_request_as_it_finishes_within_the_window():
-    # batches of 2; request 0 takes 0.6 s, every other answers at once; the window is 4 requests
+    # batches of 2; request 0 takes 0.6 s, every other answers at once; the window is the
+    # engine's target (4) plus two batches: 8 requests
     engine = _TimedEngine({0: 0.6}, target=4)
     step = runner.EngineStep(make_engine=lambda: engine, stream_fn=_echo_stream, out_schema=None, batch_size=2)
-    order = [row["n"] for chunk in runner.stream_locally([{"n": n} for n in range(12)], step) for row in chunk]
-    assert sorted(order) == list(range(12)) and order[-1] == 0      # every row once, the slow one last
+    assert runner.window_of(engine, step) == 8
+    order = [row["n"] for chunk in runner.stream_locally([{"n": n} for n in range(24)], step) for row in chunk]
+    assert sorted(order) == list(range(24)) and order[-1] == 0      # every row once, the slow one last
     assert order.index(1) < order.index(0)                         # its batchmate did not wait for it
-    assert 2 <= engine.most_owed <= 4 and engine.closed            # the window bounds the requests owed
+    assert 2 <= engine.most_owed <= 8 and engine.closed            # the window bounds the requests owed
+    step = runner.EngineStep(make_engine=lambda: engine, stream_fn=_echo_stream, out_schema=None, batch_size=2,
+                             max_in_flight=3)
+    assert runner.window_of(engine, step) == 3                     # the stage's setting wins
 
 
 class _BatchEngine:
