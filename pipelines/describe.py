@@ -30,7 +30,7 @@ from pipelines.ingest import IngestConfig, IngestReport
 from pipelines.media import MediaConfig, MediaError, decode_pixels, encode_pixels, load_media
 from pipelines.progress import progress_bar
 from pipelines.runner import EngineStep, StreamReport, enforce_error_rate, stream, write_as_they_come
-from pipelines.shards import KeyedWriter, written_keys
+from pipelines.shards import KeyedWriter, Written, written_keys
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ class DescribeConfig:
     dry_run: bool = False
     tokens_per_s: float | None = None     # dry run: GPU output tok/s for the cost estimate
     overwrite: bool = False
+    retry_errors: bool = False             # also redo rows whose last attempt failed permanently
     max_error_rate: float = 0.25           # fail the run (exit 1) above this share of error rows
     executor: str = "ray"                  # ray | local (one engine in this process: tests, tiny runs)
     ray_address: str | None = None         # None: RAY_ADDRESS or a local Ray
@@ -82,6 +83,7 @@ class DescribeReport(StreamReport):
     items_planned: int = 0
     rows_done_before: int = 0
     rows_todo: int = 0
+    rows_retried: int = 0                  # rows to do that failed before (their next attempt)
     prompt_tokens: int = 0
     output_tokens: int = 0
     ingest: IngestReport | None = None
@@ -187,6 +189,8 @@ def describe_stream(describer: Any, loaded: list[dict], views: dict[str, View]) 
 
 # --------------------------------------------------------------------------- planning
 
+KEY_COLUMNS = schemas.KEYS["descriptions"]   # one row that counts per (item, view, fingerprint)
+
 @dataclass
 class Plan:
     items: list[dict]                  # manifest rows with a "views" column: the views still to do
@@ -194,6 +198,7 @@ class Plan:
     items_total: int
     rows_done: int
     rows_todo: int
+    written: Written                   # what the folder held: done keys, attempts so far
 
 
 def make_plan(cfg: DescribeConfig, fingerprints: dict[str, str]) -> Plan:
@@ -202,21 +207,23 @@ def make_plan(cfg: DescribeConfig, fingerprints: dict[str, str]) -> Plan:
         raise store.StageInputError(f"{cfg.workdir} has no manifest: run `leccr-pipe describe --input FOLDER` "
                                     f"(or `leccr-pipe ingest`) first")
     items = sorted(manifest.to_pylist(), key=lambda r: r["item_id"])[: cfg.limit]
-    done = _done_keys(cfg.workdir / store.DESCRIPTIONS_DIR)
+    written = written_keys(cfg.workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS, list(KEY_COLUMNS),
+                           cfg.retry_errors)
     todo, ingest_errors, rows_todo = [], [], 0
     for item in items:
-        missing = [v.name for v in cfg.views if (item["item_id"], v.name, fingerprints[v.name]) not in done]
+        missing = [v.name for v in cfg.views if (item["item_id"], v.name, fingerprints[v.name]) not in written.done]
         if not missing:
             continue
         rows_todo += len(missing)
         item = {**item, "views": ",".join(missing)}
         (ingest_errors if item["error_kind"] else todo).append(item)
     rows_done = len(items) * len(cfg.views) - rows_todo
-    return Plan(todo, ingest_errors, manifest.num_rows, rows_done, rows_todo)
+    return Plan(todo, ingest_errors, manifest.num_rows, rows_done, rows_todo, written)
 
 
-def _done_keys(folder: Path) -> set[tuple]:
-    return written_keys(folder, schemas.DESCRIPTIONS, ["item_id", "view", "fingerprint"])
+def _retried(plan: Plan, fingerprints: dict[str, str]) -> int:
+    return sum((item["item_id"], view, fingerprints[view]) in plan.written.attempts
+               for item in plan.items + plan.ingest_errors for view in item["views"].split(","))
 
 
 # --------------------------------------------------------------------------- output
@@ -224,12 +231,14 @@ def _done_keys(folder: Path) -> set[tuple]:
 class DescriptionWriter:
     """Adds provenance to engine rows, counts them, and writes them exactly once."""
 
-    def __init__(self, cfg: DescribeConfig, revision: str, fingerprints: dict[str, str], report: DescribeReport):
+    def __init__(self, cfg: DescribeConfig, revision: str, fingerprints: dict[str, str], report: DescribeReport,
+                 written: Written):
         self.cfg, self.revision, self.fingerprints, self.report = cfg, revision, fingerprints, report
+        self.written = written
         self.views = {v.name: v for v in cfg.views}
         self.sampling = ids.canonical_json(cfg.engine.sampling.as_dict())
         self.out = KeyedWriter(cfg.workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS,
-                               key=lambda r: f"{r['item_id']}/{r['view']}/{r['fingerprint']}",
+                               key=lambda r: f"{r['item_id']}/{r['view']}/{r['fingerprint']}/{r['attempt']}",
                                rows_per_file=cfg.rows_per_file)
 
     def add(self, rows: Iterable[dict]) -> int:
@@ -238,10 +247,11 @@ class DescriptionWriter:
         full = []
         for row in rows:
             view = self.views[row["view"]]
+            fingerprint = self.fingerprints[view.name]
             full.append({**row, "engine": self.cfg.engine.engine, "model": self.cfg.engine.model,
                          "model_revision": self.revision, "prompt": view.prompt_for(row["media_type"]),
-                         "sampling": self.sampling, "fingerprint": self.fingerprints[view.name],
-                         "created_at": now})
+                         "sampling": self.sampling, "fingerprint": fingerprint, "created_at": now,
+                         "attempt": self.written.next_attempt((row["item_id"], view.name, fingerprint))})
             if row.get("error_kind"):
                 self.report.errors[row["error_kind"]] += 1
             self.report.prompt_tokens += row.get("prompt_tokens") or 0
@@ -273,11 +283,12 @@ def run(cfg: DescribeConfig) -> DescribeReport:
         plan = make_plan(cfg, report.fingerprints)
         report.items_total, report.rows_done_before, report.rows_todo = plan.items_total, plan.rows_done, plan.rows_todo
         report.items_planned = len(plan.items) + len(plan.ingest_errors)
+        report.rows_retried = _retried(plan, report.fingerprints)
         if cfg.dry_run:
             from pipelines import cost
             report.cost = cost.estimate_describe(cfg, plan.items, cfg.tokens_per_s).as_dict()
             return report
-        writer = DescriptionWriter(cfg, revision, report.fingerprints, report)
+        writer = DescriptionWriter(cfg, revision, report.fingerprints, report, plan.written)
         with progress_bar("describe", plan.rows_todo, cfg.progress) as advance:
             try:
                 rows_before = writer.add(_ingest_error_rows(plan.ingest_errors))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from typing import Any
 
@@ -67,5 +68,6 @@ def root_cause(err: BaseException) -> str:
     text = str(seen)
     for line in reversed(text.splitlines()):
         if "FatalEngineError" in line or "Error:" in line:
-            return line.strip().removeprefix("pipelines.engines.base.FatalEngineError: ")
+            # our own errors' messages say it all: drop the class path Ray prints before them
+            return re.sub(r"^pipelines(\.\w+)+Error: ", "", line.strip())
     return f"{type(seen).__name__}: {text[:2000]}"

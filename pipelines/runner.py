@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 
 from pipelines.engines.base import EngineConfig, FatalEngineError
+from pipelines.failures import is_transient
 from pipelines.progress import steady_rate
 from pipelines.ray_utils import init_ray, root_cause
 
@@ -69,6 +70,10 @@ class StreamReport:
     @property
     def error_rows(self) -> int:
         return sum(self.errors.values())
+
+    def errors_of_kind(self, transient: bool) -> Counter:
+        """Error rows by error_kind, transient ones (a plain rerun retries them) or permanent ones."""
+        return Counter({kind: n for kind, n in self.errors.items() if is_transient(kind) == transient})
 
     @property
     def rows_per_s(self) -> float:

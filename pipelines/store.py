@@ -43,18 +43,42 @@ def parquet_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
 
 
-def read_folder(folder: Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-    """Read every Parquet file of a folder, each validated against `schema`."""
+def read_folder(folder: Path, schema: pa.Schema, columns: list[str] | None = None,
+                all_attempts: bool = False) -> pa.Table:
+    """Read every Parquet file of a folder, each validated against `schema`. A key written more
+    than once (a rerun retried its failed row) is seen once: its latest attempt
+    (`latest_attempts`), unless `all_attempts`."""
+    wanted = columns or schema.names
+    keys = [] if all_attempts else list(schemas.KEYS.get(schemas.name_of(schema), ()))
+    read = list(dict.fromkeys([*wanted, *keys, *(["attempt", "created_at"] if keys else [])]))
+    target = pa.schema([schema.field(c) for c in read])
     tables = []
     for path in parquet_files(folder):
         file_schema = pq.read_schema(path)
         schemas.validate(file_schema, schema, where=str(path))
-        table = pq.read_table(path, columns=columns or schema.names)
-        tables.append(table.cast(schema if columns is None else pa.schema([schema.field(c) for c in columns])))
-    if not tables:
-        target = schema if columns is None else pa.schema([schema.field(c) for c in columns])
-        return target.empty_table()
-    return pa.concat_tables(tables)
+        present = [c for c in read if c in file_schema.names]
+        tables.append(schemas.conform(pq.read_table(path, columns=present), target, where=str(path)))
+    table = pa.concat_tables(tables) if tables else target.empty_table()
+    if keys:
+        table = latest_attempts(table, keys)
+    return table.select(wanted).cast(schema if columns is None else pa.schema([schema.field(c) for c in columns]))
+
+
+def latest_attempts(table: pa.Table, keys: list[str]) -> pa.Table:
+    """One row per key: the one with the highest `attempt` (null counts as 1; a tie, which only
+    hand-copied files make, goes to the later `created_at`). THE rule for every reader of a
+    stage's output; the rows keep their order."""
+    import pyarrow.compute as pc
+    attempts = pc.fill_null(table.column("attempt"), 1)
+    if table.num_rows == 0 or pc.max(attempts).as_py() <= 1:
+        return table   # nothing was ever retried: every key has one row
+    ranked = pa.table({**{k: table.column(k) for k in keys}, "attempt": attempts,
+                       "created_at": table.column("created_at"), "position": pa.array(range(table.num_rows))})
+    ranked = ranked.sort_by([("attempt", "ascending"), ("created_at", "ascending"), ("position", "ascending")])
+    ranked = ranked.append_column("rank", pa.array(range(ranked.num_rows)))
+    last = ranked.group_by(keys).aggregate([("rank", "max")]).column("rank_max")
+    positions = pc.sort_indices(ranked.column("position").take(last))
+    return table.take(ranked.column("position").take(last).take(positions))
 
 
 def remove_temp_files(folder: Path) -> int:

@@ -35,7 +35,7 @@ from pipelines.mt_engines import chat, quality
 from pipelines.mt_engines.base import MTSettings, TranslateRequest, make_translator, pair_spec
 from pipelines.progress import progress_bar
 from pipelines.runner import EngineStep, StreamReport, enforce_error_rate, stream, write_as_they_come
-from pipelines.shards import KeyedWriter, written_keys
+from pipelines.shards import KeyedWriter, Written, written_keys
 
 # Columns a captions Parquet given with --captions must have; `split` and `origin` are used when present.
 SOURCE_COLUMNS = ("caption_id", "item_id", "lang", "text")
@@ -59,6 +59,7 @@ class TranslateConfig:
     dry_run: bool = False
     tokens_per_s: float | None = None     # dry run: GPU output tok/s for the cost estimate
     overwrite: bool = False               # delete this stage's files for these targets first
+    retry_errors: bool = False            # also redo rows whose last attempt failed permanently
     max_error_rate: float = 0.25
     executor: str = "ray"                 # ray | local (one engine in this process: tests, tiny runs)
     ray_address: str | None = None
@@ -80,6 +81,7 @@ class TranslateReport(StreamReport):
     skipped_sources: int = 0              # source rows with a repeated or missing caption_id / item_id
     rows_done_before: int = 0
     rows_todo: int = 0
+    rows_retried: int = 0                 # rows to do that failed before (their next attempt)
     rows_to_engine: int = 0               # rows to do that need a translation (not empty/too long)
     engine_requests: int = 0              # distinct (text, target) pairs sent to the engine
     flags: Counter = field(default_factory=Counter)
@@ -269,6 +271,8 @@ class Plan:
     fanout: dict[int, list[dict]]         # request id -> the source captions it answers
     rows_done: int
     rows_todo: int
+    written: Written                      # what the folder held: done keys, attempts so far
+    rows_retried: int = 0
 
     @property
     def rows_to_engine(self) -> int:
@@ -276,17 +280,19 @@ class Plan:
 
 
 def make_plan(cfg: TranslateConfig, sources: list[dict], prints: dict[str, str]) -> Plan:
-    done = written_keys(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS,
-                        ["source_caption_id", "lang", "fingerprint"])
+    written = written_keys(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS,
+                           ["source_caption_id", "lang", "fingerprint"], cfg.retry_errors)
     cleaned = [(src, *quality.normalize_source(src["text"])) for src in sources]
-    plan = Plan([], [], {}, 0, 0)
+    plan = Plan([], [], {}, 0, 0, written)
     for target in cfg.targets:
         by_text: dict[str, int] = {}
         for src, clean, flags in cleaned:
-            if (src["caption_id"], target, prints[target]) in done:
+            key = (src["caption_id"], target, prints[target])
+            if key in written.done:
                 plan.rows_done += 1
                 continue
             plan.rows_todo += 1
+            plan.rows_retried += key in written.attempts
             entry = {**src, "target": target, "source_flags": flags}
             if not clean:
                 plan.immediate.append(_error_row(entry, "empty_source", "the source caption is empty or blank"))
@@ -318,13 +324,14 @@ class TranslationWriter:
     writes one file series per target language exactly once."""
 
     def __init__(self, cfg: TranslateConfig, revision: str, prints: dict[str, str], specs: dict[str, str],
-                 fanout: dict[int, list[dict]], report: TranslateReport):
+                 plan: Plan, report: TranslateReport):
         self.cfg, self.revision, self.report = cfg, revision, report
+        self.written = plan.written
         self.prints, self.specs = prints, specs   # per target language: fingerprint, prompt column
-        self.fanout = fanout                      # request id -> captions still waiting for it
+        self.fanout = plan.fanout                 # request id -> captions still waiting for it
         self.sampling = ids.canonical_json(sampling_spec(cfg.engine))
         self.out = {t: KeyedWriter(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS,
-                                   key=lambda r: f"{r['source_caption_id']}/{r['lang']}/{r['fingerprint']}",
+                                   key=lambda r: f"{r['source_caption_id']}/{r['lang']}/{r['fingerprint']}/{r['attempt']}",
                                    rows_per_file=cfg.rows_per_file, prefix=f"{OUTPUT_PREFIX}{t}")
                     for t in cfg.targets}
         self.rows_added = 0               # handed to the writers (written once flushed)
@@ -365,6 +372,7 @@ class TranslationWriter:
                 "prompt": self.specs[target], "sampling": self.sampling, "fingerprint": fingerprint,
                 "prompt_tokens": result.get("prompt_tokens"), "output_tokens": result.get("output_tokens"),
                 "latency_s": result.get("latency_s"), "created_at": now,
+                "attempt": self.written.next_attempt((entry["caption_id"], target, fingerprint)),
                 "error_kind": result["error_kind"], "error": result["error"]}
 
     @property
@@ -524,13 +532,13 @@ def run(cfg: TranslateConfig) -> TranslateReport:
             plan = make_plan(cfg, sources, report.fingerprints)
         except schemas.SchemaError as err:  # a foreign file in WORKDIR/captions
             raise store.StageInputError(str(err)) from None
-        report.rows_done_before, report.rows_todo = plan.rows_done, plan.rows_todo
+        report.rows_done_before, report.rows_todo, report.rows_retried = plan.rows_done, plan.rows_todo, plan.rows_retried
         report.rows_to_engine, report.engine_requests = plan.rows_to_engine, len(plan.requests)
         if cfg.dry_run:
             from pipelines import cost
             report.cost = cost.estimate_translate(cfg, plan.requests, cfg.tokens_per_s).as_dict()
             return report
-        writer = TranslationWriter(cfg, revision, report.fingerprints, specs, plan.fanout, report)
+        writer = TranslationWriter(cfg, revision, report.fingerprints, specs, plan, report)
         with progress_bar("translate", plan.rows_todo, cfg.progress) as advance:
             try:
                 writer.add(plan.immediate)
@@ -573,6 +581,7 @@ def print_summary(report: TranslateReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from pipelines.summary import error_rows, rows_to_do
     table = Table(title="translate: dry run (nothing translated)" if report.dry_run else "translate: summary",
                   show_header=False)
     table.add_row("engine", f"{report.engine} {report.model}")
@@ -580,13 +589,12 @@ def print_summary(report: TranslateReport) -> None:
     skipped = f" ({report.skipped_sources} rows without a unique caption_id/item_id skipped)"
     table.add_row("source captions", f"{report.source_captions}{skipped if report.skipped_sources else ''}")
     table.add_row("rows already done", str(report.rows_done_before))
-    table.add_row("rows to do", str(report.rows_todo))
+    table.add_row("rows to do", rows_to_do(report.rows_todo, report.rows_retried))
     table.add_row("engine requests", f"{report.engine_requests} distinct strings for {report.rows_to_engine} rows "
                                      f"(de-duplication saves {report.dedup_saving:.1%})")
     if not report.dry_run:
         table.add_row("rows written", str(report.rows_written))
-        errors = ", ".join(f"{k}: {v}" for k, v in report.errors.most_common()) or "none"
-        table.add_row("error rows", f"{report.error_rows} ({errors})")
+        table.add_row("error rows", error_rows(report))
         flags = ", ".join(f"{k}: {v}" for k, v in report.flags.most_common()) or "none"
         table.add_row("quality flags", flags)
         table.add_row("wall time", f"{report.wall_s:.1f} s (start-up incl. first batch {report.startup_s:.1f} s)")

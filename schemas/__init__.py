@@ -37,6 +37,9 @@ PROVENANCE_FIELDS = [
     pa.field("created_at", pa.timestamp("us", tz="UTC")),
     pa.field("error_kind", pa.string()),      # short category, null when fine
     pa.field("error", pa.string()),           # readable reason, null when fine
+    # 1 for a key's first row, n for its n-th (a rerun retrying a failed row); null in files
+    # written before retries existed (= 1). The latest attempt of a key is the row that counts.
+    pa.field("attempt", pa.int32()),
 ]
 
 # One row per media item (image or video). `item_id` is stable: derived from the dataset's own
@@ -87,15 +90,29 @@ DESCRIPTIONS = _schema("descriptions", [
 
 ALL = {"manifest": MANIFEST, "captions": CAPTIONS, "descriptions": DESCRIPTIONS}
 
+# The columns that name one row of each output. A key may have several rows (attempts): readers
+# see the latest only (store.read_folder, through store.latest_attempts).
+KEYS = {"captions": ("caption_id",), "descriptions": ("item_id", "view", "fingerprint")}
+
+# Columns added after version 1 without a version bump (a bump would change every fingerprint):
+# a file without them is still valid, and readers see nulls.
+ADDED_LATER = frozenset({"attempt"})
+
+
+def name_of(schema: pa.Schema) -> str:
+    return (schema.metadata or {}).get(_NAME_KEY, b"?").decode()
+
 
 def validate(schema_like: pa.Schema, expected: pa.Schema, where: str = "table") -> None:
     """Raise SchemaError naming the first missing or mistyped column.
 
     Extra columns are allowed (a user's Parquet may carry more); order does not matter.
     """
-    name = (expected.metadata or {}).get(_NAME_KEY, b"?").decode()
+    name = name_of(expected)
     for field in expected:
         idx = schema_like.get_field_index(field.name)
+        if idx < 0 and field.name in ADDED_LATER:
+            continue
         if idx < 0:
             raise SchemaError(f"{where}: missing column {field.name!r} required by the {name} schema "
                               f"v{SCHEMA_VERSION} (has: {', '.join(schema_like.names)})")
@@ -125,7 +142,8 @@ def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
 def conform(table: pa.Table, expected: pa.Schema, where: str = "table") -> pa.Table:
     """Validate, then return the table with exactly the expected columns, order and types."""
     validate(table.schema, expected, where)
-    columns = [table.column(f.name).cast(f.type) for f in expected]
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names
+               else pa.nulls(table.num_rows, f.type) for f in expected]
     return pa.Table.from_arrays(columns, schema=expected)
 
 

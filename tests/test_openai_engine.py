@@ -9,7 +9,6 @@ demand, to check retries, backoff, timeouts, error rows and bounded concurrency.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,12 +18,12 @@ import schemas
 from pipelines.engines import openai_engine
 from pipelines.engines.base import DescribeRequest, EngineConfig, FatalEngineError, SamplingConfig
 from pipelines.engines.openai_engine import OpenAIDescriber
+from pipelines.failures import is_transient
 from tests.conftest import run_cli
 from tests.servers import (EMPTY_CHOICES, MALFORMED_JSON, OK, ScriptedFakeEndpoint, Step, free_port, http_error,
                            log_tail, prompt_of, sleep_then, vllm_openai_server)
 
 SERVER_IMAGE_LIMIT = 8
-SERVER_START_TIMEOUT_S = float(os.environ.get("LECCR_TEST_SERVER_START_TIMEOUT_S", "120"))
 # A private local Ray started by the CLI binds its GCS/raylet/driver ports to every interface
 # unless Ray's cluster mode is off (read when ray is imported): keep it on loopback.
 LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -68,8 +67,7 @@ def _n_images(payload: dict) -> int:
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_qwen, session_tmp):
-    with vllm_openai_server(tiny_qwen, workdir=session_tmp / "vllm-openai-server", limit_images=SERVER_IMAGE_LIMIT,
-                            startup_timeout_s=SERVER_START_TIMEOUT_S) as server:
+    with vllm_openai_server(tiny_qwen, workdir=session_tmp / "vllm-openai-server", limit_images=SERVER_IMAGE_LIMIT) as server:
         print(f"\nvLLM OpenAI server healthy after {server.started_s:.1f} s ({server.base_url})")
         yield server
 
@@ -375,3 +373,53 @@ def test_stage_writes_fast_results_before_a_slow_request_finishes(sample_data, t
     [slow] = [r for r in rows if r["latency_s"] >= 5.0]
     others = [r for r in rows if r is not slow]
     assert max(r["created_at"] for r in others) < slow["created_at"]
+
+
+# --------------------------------------------------------------------------- outages (circuit breaker)
+
+def test_an_outage_shorter_than_the_timeout_costs_waiting_not_error_rows(monkeypatch):
+    monkeypatch.setattr(openai_engine, "PROBE_INTERVAL_S", 0.2)
+    monkeypatch.setattr(openai_engine, "PROBE_MAX_S", 0.5)
+    with ScriptedFakeEndpoint() as fake:
+        fake.go_down(3.0)
+        results = _run(fake, [_one(f"request {i}") for i in range(40)], concurrency=4, max_retries=1,
+                       outage_timeout_s=60)
+        down = fake.answered_down
+    assert [r.error_kind for r in results] == [None] * 40
+    # without the breaker, 40 requests x 2 attempts would all have gone out into the outage and
+    # failed; with it, a few requests open it and then one probe at a time goes out
+    assert openai_engine.OPEN_AFTER_FAILURES <= down < 4 + 3.0 / 0.2 + 4
+
+
+def test_an_outage_longer_than_the_timeout_stops_with_the_endpoint_and_last_error(monkeypatch):
+    monkeypatch.setattr(openai_engine, "PROBE_INTERVAL_S", 0.2)
+    with ScriptedFakeEndpoint() as fake:
+        fake.go_down(600.0, status=502)
+        describer = _fake_describer(fake, concurrency=4, max_retries=1, outage_timeout_s=2)
+        try:
+            futures = describer.submit([_one(f"request {i}") for i in range(12)])
+            errors = [f.exception(timeout=30) for f in futures]
+        finally:
+            describer.close()
+        sent = fake.answered_down
+    assert all(isinstance(e, openai_engine.EndpointOutageError) for e in errors)   # no request became an error row
+    assert fake.base_url in str(errors[0]) and "last error: http_502" in str(errors[0])
+    assert "--outage-timeout 2 s" in str(errors[0])
+    assert sent < 12 * 2          # held back: fewer than every request's every attempt
+
+
+def test_a_flaky_request_among_working_ones_never_opens_the_breaker():
+    scripts = {"flaky": [http_error(500)] * 10}
+    with ScriptedFakeEndpoint(scripts) as fake:
+        results = _run(fake, [_one("flaky")] + [_one(f"ok {i}") for i in range(8)], concurrency=2, max_retries=3)
+        assert fake.attempts("flaky") == 4
+    assert results[0].error_kind == "http_500" and all(r.error_kind is None for r in results[1:])
+
+
+def test_a_refusal_is_a_permanent_error_row():
+    refusal = Step(200, {"choices": [{"message": {"role": "assistant", "content": None, "refusal": "no"},
+                                      "finish_reason": "content_filter"}]})
+    with ScriptedFakeEndpoint([refusal]) as fake:
+        [result] = _run(fake, [_one()], max_retries=3)
+        assert fake.attempts() == 1
+    assert result.error_kind == "refused" and not is_transient(result.error_kind)

@@ -25,7 +25,7 @@ import schemas
 from pipelines import store
 from pipelines.mt_engines import chat
 from tests.conftest import CLI, ROOT, run_cli
-from tests.servers import ScriptedFakeEndpoint, http_error, sleep_then, vllm_openai_server
+from tests.servers import ScriptedFakeEndpoint, http_error, prompt_of, sleep_then, vllm_openai_server
 
 pytestmark = pytest.mark.slow
 
@@ -275,8 +275,7 @@ def test_transformers_seq2seq_engine_maps_languages(tmp_path, tiny_nllb):
 
 @pytest.fixture(scope="session")
 def chat_server(tiny_chat, session_tmp):
-    timeout = float(os.environ.get("LECCR_TEST_SERVER_START_TIMEOUT_S", "240"))
-    with vllm_openai_server(tiny_chat, workdir=session_tmp / "vllm-chat-server", startup_timeout_s=timeout) as server:
+    with vllm_openai_server(tiny_chat, workdir=session_tmp / "vllm-chat-server") as server:
         print(f"\nvLLM chat server healthy after {server.started_s:.1f} s ({server.base_url})")
         yield server
 
@@ -303,9 +302,31 @@ def test_endpoint_500s_and_timeouts_are_error_rows_and_the_rate_decides_the_exit
     with ScriptedFakeEndpoint(scripts) as fake:
         done = run_cli("translate", "--workdir", workdir, "--to", "de", "--engine", "openai", "--model", fake.model,
                        "--base-url", fake.base_url, "--timeout", "0.5", "--max-retries", "1", "--no-progress",
-                       timeout=300, env=LOOPBACK_RAY)
+                       timeout=300, env={**LOOPBACK_RAY, "COLUMNS": "300"})   # a summary row on one line
     assert done.returncode == 1, done.stderr[-3000:]
     assert "2 of 5 rows are errors" in done.stderr
     mt = by_source(read_mt(workdir))
     kinds = {next(r["text"] for r in rows if r["caption_id"] == cap): row["error_kind"] for (cap, _), row in mt.items()}
     assert kinds == {"A dog.": None, "A cat.": "http_500", "A bird.": "timeout", "A fish.": None, "A horse.": None}
+    assert "transient 2 (" in done.stderr and "a plain rerun retries them" in done.stderr
+    # a plain rerun against a healthy endpoint retries exactly those two; the latest attempt counts
+    with ScriptedFakeEndpoint() as fake:
+        again = run_cli("translate", "--workdir", workdir, "--to", "de", "--engine", "openai", "--model", fake.model,
+                        "--base-url", fake.base_url, "--no-progress", "--executor", "local", timeout=300,
+                        env={"COLUMNS": "300"})
+        assert sorted(prompt_of(b) for b in fake.requests) == [prompt("A bird."), prompt("A cat.")]
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 (2 of them retried" in again.stderr
+    mt = by_source(read_mt(workdir))                        # one row per (caption, language) ...
+    assert len(mt) == 5 and not any(r["error_kind"] for r in mt.values())
+    assert sorted(r["attempt"] for r in mt.values()) == [1, 1, 1, 2, 2]
+    every = store.read_folder(workdir / "captions", schemas.CAPTIONS, all_attempts=True)
+    assert every.num_rows == 5 + 5 + 2                      # ... while both attempts stay on disk
+    # train, evaluate and index read the workdir through one function: one caption per id
+    from pipelines.train import read_workdir
+    store.write_atomic(pa.Table.from_pylist([{"item_id": f"item{i:03d}", "dataset": "d", "root": "/"}
+                                             for i in range(3)], schema=schemas.MANIFEST),
+                       workdir / "manifest" / "m.parquet")
+    _, captions, _ = read_workdir(workdir, need_descriptions=False)
+    assert len(captions) == len({c["caption_id"] for c in captions}) == 10
+    assert not any(c["error_kind"] for c in captions)

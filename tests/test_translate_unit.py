@@ -291,7 +291,7 @@ def test_writer_fans_out_and_writes_each_key_once(tmp_path):
     prints = {"de": "fp"}
     plan = stage.make_plan(cfg, sources, prints)
     report = stage.TranslateReport()
-    writer = stage.TranslationWriter(cfg, "rev", prints, {"de": "spec"}, plan.fanout, report)
+    writer = stage.TranslationWriter(cfg, "rev", prints, {"de": "spec"}, plan, report)
     writer.add(plan.immediate)
     results = _translated(ScriptedFakeTranslator({SRC: "Ein Hund läuft am Strand."}), plan.requests)
     assert writer.add_results(results) == 3
@@ -453,7 +453,10 @@ def _prompt(text, target="de"):
     return chat.render(chat.DEFAULT_PROMPT, text, "en", target)
 
 
-def test_openai_engine_retries_cleans_and_flags():
+def test_openai_engine_retries_cleans_and_flags(monkeypatch):
+    # per-request retries: the cat's and the bird's 6 failures in a row would open the circuit
+    # breaker (tests/test_openai_engine.py tests it), which then lets the bird's probe succeed
+    monkeypatch.setattr(openai_engine, "OPEN_AFTER_FAILURES", 100)
     scripts = {
         _prompt("A dog."): [http_error(500), Step(body=completion('Here is the translation: "Ein Hund."'))],
         _prompt("A cat."): [http_error(500)] * 5,
@@ -611,7 +614,7 @@ def test_scores_against_a_references_parquet_by_item(tmp_path):
     cfg = _cfg(tmp_path, targets=("de",), score_against={"de": tmp_path / "refs.parquet"})
     sources = [_source(0, "A dog runs."), _source(5, "A cat sleeps."), _source(10, "A bird sings.")]
     plan = stage.make_plan(cfg, sources, {"de": "fp"})
-    writer = stage.TranslationWriter(cfg, "rev", {"de": "fp"}, {"de": "spec"}, plan.fanout, stage.TranslateReport())
+    writer = stage.TranslationWriter(cfg, "rev", {"de": "fp"}, {"de": "spec"}, plan, stage.TranslateReport())
     answers = {"A dog runs.": "Ein Hund läuft.", "A cat sleeps.": "Eine Katze schläft.",
                "A bird sings.": TranslateResult.failed("timeout", "slow")}
     writer.add_results(_translated(ScriptedFakeTranslator(answers), plan.requests))

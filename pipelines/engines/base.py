@@ -68,6 +68,7 @@ class EngineConfig:
     concurrency: int = 8
     timeout_s: float = 120.0
     max_retries: int = 3
+    outage_timeout_s: float = 300.0        # how long an endpoint may fail everything before the run stops
     # transformers
     device: str = "auto"
     dtype: str = "auto"
