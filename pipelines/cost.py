@@ -147,14 +147,14 @@ class PromptCounter:
         return self.cache[key]
 
 
-def estimate_describe(cfg, items: list[dict], tokens_per_s: float | None = None,
-                      sample: int = DEFAULT_SAMPLE) -> CostEstimate:
-    """cfg: DescribeConfig; items: the plan's items to do (manifest rows + "views": "a,b")."""
+def estimate_describe(cfg, plan, tokens_per_s: float | None = None, sample: int = DEFAULT_SAMPLE) -> CostEstimate:
+    """cfg: DescribeConfig; plan: pipelines.plan.DescribePlan (its items to do are read back from
+    disk: `sample` of them, evenly spread)."""
     from pipelines.media import MediaError, load_media
     views = {v.name: v for v in cfg.views}
-    rows = sum(len(i["views"].split(",")) for i in items)
+    rows = plan.engine_rows
     est = CostEstimate(rows=rows, output_tokens_max=rows * cfg.engine.sampling.max_tokens)
-    if not items:
+    if not rows:
         return est
     if cfg.engine.engine == "openai":
         est.notes.append("openai engine: prompt tokens are counted with the model's processor when it loads here")
@@ -164,7 +164,7 @@ def estimate_describe(cfg, items: list[dict], tokens_per_s: float | None = None,
         counter = PromptCounter(cfg.engine)
     except Exception as err:  # noqa: BLE001 - no processor here: say so, keep the other numbers
         est.notes.append(f"the processor of {cfg.engine.model} cannot be loaded here ({err}): prompt tokens unknown")
-    chosen = _spread(items, sample)
+    chosen = plan.todo.spread(sample)
     counts, measured_rows = [], 0
     if counter is not None:
         for item in chosen:
@@ -181,8 +181,8 @@ def estimate_describe(cfg, items: list[dict], tokens_per_s: float | None = None,
         if counts:
             est.prompt_tokens_per_row = _per_row(counts)
             est.prompt_tokens = round(sum(counts) * rows / measured_rows)
-    if len(chosen) < len(items):
-        est.notes.append(f"measured {len(chosen)} of {len(items)} items (evenly spread); totals scaled")
+    if len(chosen) < plan.todo.rows:
+        est.notes.append(f"measured {len(chosen)} of {plan.todo.rows} items (evenly spread); totals scaled")
     gpu_time(est, cfg.engine.model, cfg.engine.revision, tokens_per_s)
     return est
 

@@ -30,7 +30,8 @@ from pipelines.ingest import IngestConfig, IngestReport
 from pipelines.media import MediaConfig, MediaError, decode_pixels, encode_pixels, load_media
 from pipelines.progress import progress_bar
 from pipelines.runner import EngineStep, StreamReport, enforce_error_rate, stream, write_as_they_come
-from pipelines.shards import KeyedWriter, Written, written_keys
+from pipelines.plan import DescribePlan, PlanShards, describe_plan
+from pipelines.shards import KeyedWriter
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ def load_batch(items: list[dict], media_cfg: MediaConfig) -> list[dict]:
     """Load and preprocess each item's media; a bad item becomes a row with its error."""
     out = []
     for item in items:
-        row = {"item_id": item["item_id"], "views": item["views"], "media_type": item["media_type"],
+        row = {"item_id": item["item_id"], "views": item["views"], "attempts": item["attempts"],
+               "media_type": item["media_type"],
                "pixels": None, "shape": None, "error_kind": None, "error": None}
         try:
             loaded = load_media(Path(item["root"]), item["relpath"], media_cfg)
@@ -166,9 +168,10 @@ def describe_stream(describer: Any, loaded: list[dict], views: dict[str, View]) 
         geometry = {"n_frames": (pixels.shape[0] if video else 1) if pixels is not None else None,
                     "height": pixels.shape[-3] if pixels is not None else None,
                     "width": pixels.shape[-2] if pixels is not None else None}
-        for name in item["views"].split(","):   # an item's views go out together: shared prefix
+        # an item's views go out together (a shared prefix); each row is its key's next attempt
+        for name, attempts in zip(item["views"].split(","), item["attempts"]):
             row = {"item_id": item["item_id"], "view": name, "media_type": item["media_type"], **geometry,
-                   "error_kind": item["error_kind"], "error": item["error"]}
+                   "error_kind": item["error_kind"], "error": item["error"], "attempt": attempts + 1}
             if pixels is None:
                 rows.append(row)
             else:
@@ -189,41 +192,11 @@ def describe_stream(describer: Any, loaded: list[dict], views: dict[str, View]) 
 
 # --------------------------------------------------------------------------- planning
 
-KEY_COLUMNS = schemas.KEYS["descriptions"]   # one row that counts per (item, view, fingerprint)
-
-@dataclass
-class Plan:
-    items: list[dict]                  # manifest rows with a "views" column: the views still to do
-    ingest_errors: list[dict]          # items that failed at ingest: error rows, no engine needed
-    items_total: int
-    rows_done: int
-    rows_todo: int
-    written: Written                   # what the folder held: done keys, attempts so far
-
-
-def make_plan(cfg: DescribeConfig, fingerprints: dict[str, str]) -> Plan:
-    manifest = store.read_folder(cfg.workdir / store.MANIFEST_DIR, schemas.MANIFEST)
-    if manifest.num_rows == 0:
-        raise store.StageInputError(f"{cfg.workdir} has no manifest: run `leccr-pipe describe --input FOLDER` "
-                                    f"(or `leccr-pipe ingest`) first")
-    items = sorted(manifest.to_pylist(), key=lambda r: r["item_id"])[: cfg.limit]
-    written = written_keys(cfg.workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS, list(KEY_COLUMNS),
-                           cfg.retry_errors)
-    todo, ingest_errors, rows_todo = [], [], 0
-    for item in items:
-        missing = [v.name for v in cfg.views if (item["item_id"], v.name, fingerprints[v.name]) not in written.done]
-        if not missing:
-            continue
-        rows_todo += len(missing)
-        item = {**item, "views": ",".join(missing)}
-        (ingest_errors if item["error_kind"] else todo).append(item)
-    rows_done = len(items) * len(cfg.views) - rows_todo
-    return Plan(todo, ingest_errors, manifest.num_rows, rows_done, rows_todo, written)
-
-
-def _retried(plan: Plan, fingerprints: dict[str, str]) -> int:
-    return sum((item["item_id"], view, fingerprints[view]) in plan.written.attempts
-               for item in plan.items + plan.ingest_errors for view in item["views"].split(","))
+def make_plan(cfg: DescribeConfig, fingerprints: dict[str, str]) -> DescribePlan:
+    """The (item, view) rows still to do, out of core (pipelines.plan): a key is done when its
+    latest attempt succeeded or failed permanently (with --retry-errors: only succeeded)."""
+    return describe_plan(cfg.workdir, {v.name: fingerprints[v.name] for v in cfg.views}, cfg.limit,
+                         cfg.retry_errors)
 
 
 # --------------------------------------------------------------------------- output
@@ -231,10 +204,8 @@ def _retried(plan: Plan, fingerprints: dict[str, str]) -> int:
 class DescriptionWriter:
     """Adds provenance to engine rows, counts them, and writes them exactly once."""
 
-    def __init__(self, cfg: DescribeConfig, revision: str, fingerprints: dict[str, str], report: DescribeReport,
-                 written: Written):
+    def __init__(self, cfg: DescribeConfig, revision: str, fingerprints: dict[str, str], report: DescribeReport):
         self.cfg, self.revision, self.fingerprints, self.report = cfg, revision, fingerprints, report
-        self.written = written
         self.views = {v.name: v for v in cfg.views}
         self.sampling = ids.canonical_json(cfg.engine.sampling.as_dict())
         self.out = KeyedWriter(cfg.workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS,
@@ -247,11 +218,9 @@ class DescriptionWriter:
         full = []
         for row in rows:
             view = self.views[row["view"]]
-            fingerprint = self.fingerprints[view.name]
             full.append({**row, "engine": self.cfg.engine.engine, "model": self.cfg.engine.model,
                          "model_revision": self.revision, "prompt": view.prompt_for(row["media_type"]),
-                         "sampling": self.sampling, "fingerprint": fingerprint, "created_at": now,
-                         "attempt": self.written.next_attempt((row["item_id"], view.name, fingerprint))})
+                         "sampling": self.sampling, "fingerprint": self.fingerprints[view.name], "created_at": now})
             if row.get("error_kind"):
                 self.report.errors[row["error_kind"]] += 1
             self.report.prompt_tokens += row.get("prompt_tokens") or 0
@@ -281,44 +250,55 @@ def run(cfg: DescribeConfig) -> DescribeReport:
         revision = model_revision(cfg.engine)
         report.fingerprints = view_fingerprints(cfg, revision)
         plan = make_plan(cfg, report.fingerprints)
-        report.items_total, report.rows_done_before, report.rows_todo = plan.items_total, plan.rows_done, plan.rows_todo
-        report.items_planned = len(plan.items) + len(plan.ingest_errors)
-        report.rows_retried = _retried(plan, report.fingerprints)
+        try:
+            _run_plan(cfg, plan, revision, report, started)
+        finally:
+            plan.close()
         if cfg.dry_run:
-            from pipelines import cost
-            report.cost = cost.estimate_describe(cfg, plan.items, cfg.tokens_per_s).as_dict()
             return report
-        writer = DescriptionWriter(cfg, revision, report.fingerprints, report, plan.written)
-        with progress_bar("describe", plan.rows_todo, cfg.progress) as advance:
-            try:
-                rows_before = writer.add(_ingest_error_rows(plan.ingest_errors))
-                advance(rows_before)
-                if plan.items:
-                    _stream_rows(cfg, plan.items, writer, advance, report, started, rows_before)
-            finally:
-                writer.flush()  # whatever completed is kept, also on a fatal error
     report.wall_s = time.perf_counter() - started
     enforce_error_rate(report, cfg.max_error_rate)
     return report
 
 
+def _run_plan(cfg: DescribeConfig, plan: DescribePlan, revision: str, report: DescribeReport, started: float) -> None:
+    report.items_total, report.rows_done_before, report.rows_todo = plan.items_total, plan.rows_done, plan.rows_todo
+    report.items_planned, report.rows_retried = plan.todo.rows + plan.ingest_errors.rows, plan.rows_retried
+    if cfg.dry_run:
+        from pipelines import cost
+        report.cost = cost.estimate_describe(cfg, plan, cfg.tokens_per_s).as_dict()
+        return
+    writer = DescriptionWriter(cfg, revision, report.fingerprints, report)
+    with progress_bar("describe", plan.rows_todo, cfg.progress) as advance:
+        try:
+            rows_before = 0
+            for batch in plan.ingest_errors.batches(cfg.rows_per_file):
+                rows_before += writer.add(_ingest_error_rows(batch))
+            advance(rows_before)
+            if plan.todo.rows:
+                _stream_rows(cfg, plan.todo, writer, advance, report, started, rows_before)
+        finally:
+            writer.flush()  # whatever completed is kept, also on a fatal error
+
+
 def _ingest_error_rows(items: list[dict]) -> list[dict]:
     return [{"item_id": i["item_id"], "view": name, "media_type": i["media_type"],
-             "error_kind": i["error_kind"], "error": i["error"]}
-            for i in items for name in i["views"].split(",")]
+             "error_kind": i["error_kind"], "error": i["error"], "attempt": attempts + 1}
+            for i in items for name, attempts in zip(i["views"].split(","), i["attempts"])]
 
 
 # --------------------------------------------------------------------------- engine plumbing
 
 _ENGINE_OUT = pa.schema([f for f in schemas.DESCRIPTIONS if f.name in {
     "item_id", "view", "media_type", "text", "finish_reason", "n_frames", "width", "height",
-    "prompt_tokens", "output_tokens", "latency_s", "error_kind", "error"}])
+    "prompt_tokens", "output_tokens", "latency_s", "error_kind", "error", "attempt"}])
 
 
-def _stream_rows(cfg: DescribeConfig, items: list[dict], writer: DescriptionWriter, advance,
+def _stream_rows(cfg: DescribeConfig, todo: PlanShards, writer: DescriptionWriter, advance,
                  report: DescribeReport, started: float, rows_before: int) -> None:
     """Run load -> engine through the shared runner and write results as they stream in."""
-    rows = [{k: i[k] for k in ("item_id", "views", "media_type", "root", "relpath")} for i in items]
+    rows = [{k: i[k] for k in ("item_id", "views", "attempts", "media_type", "root", "relpath")}
+            for batch in todo.batches(4096) for i in batch]
     # batch_size counts engine requests; an item becomes one request per view
     items_per_batch = max(1, cfg.batch_size // len(cfg.views))
     step = EngineStep(make_engine=partial(make_describer, cfg.engine),

@@ -31,6 +31,11 @@ def http_kind(status: int) -> str:
     return f"http_{status}"
 
 
+def permanent_kinds() -> frozenset[str]:
+    """Every error_kind that is permanent (for planners that match kinds in bulk)."""
+    return PERMANENT_KINDS | {http_kind(status) for status in PERMANENT_HTTP_STATUS}
+
+
 def is_transient(kind: str | None) -> bool:
     """Whether an error row of this kind is retried by a plain rerun (None: not an error)."""
     if kind is None:

@@ -34,7 +34,8 @@ def _cfg(tmp_path, **kw):
 
 def _loaded(item_id, pixels, views="a,b", media_type="image", error=None):
     data, shape = encode_pixels(pixels) if pixels is not None else (None, None)
-    return {"item_id": item_id, "views": views, "media_type": media_type, "pixels": data, "shape": shape,
+    return {"item_id": item_id, "views": views, "attempts": [0] * len(views.split(",")), "media_type": media_type,
+            "pixels": data, "shape": shape,
             "error_kind": "unreadable_image" if error else None, "error": error}
 
 
@@ -83,29 +84,34 @@ def _write_manifest(workdir, n):
     store.write_atomic(pa.Table.from_pylist(rows, schema=schemas.MANIFEST), workdir / "manifest" / "m.parquet")
 
 
+def _items(shards) -> list[dict]:
+    return [row for batch in shards.batches(100) for row in batch]
+
+
 def test_plan_and_writer_are_exactly_once(tmp_path):
     _write_manifest(tmp_path, 5)
     cfg = _cfg(tmp_path, rows_per_file=3)
     fps = describe.view_fingerprints(cfg, "rev")
     plan = describe.make_plan(cfg, fps)
-    assert (plan.rows_todo, plan.rows_done, len(plan.items), len(plan.ingest_errors)) == (10, 0, 4, 1)
+    assert (plan.rows_todo, plan.rows_done, plan.todo.rows, plan.ingest_errors.rows) == (10, 0, 4, 1)
+    assert plan.engine_rows == 8
     report = describe.DescribeReport()
-    writer = describe.DescriptionWriter(cfg, "rev", fps, report, plan.written)
-    first = plan
+    writer = describe.DescriptionWriter(cfg, "rev", fps, report)
     # a "killed" run: rows stay in memory until rows_per_file is reached; what was never
     # flushed is simply redone on the next run
-    rows = [{"item_id": i, "view": v, "media_type": "image", "text": "t"} for i in ("id001", "id002") for v in "ab"]
+    rows = [{"item_id": i, "view": v, "media_type": "image", "text": "t", "attempt": 1}
+            for i in ("id001", "id002") for v in "ab"]
     writer.add(rows[:2])
     assert store.parquet_files(tmp_path / "descriptions") == []
     writer.add(rows[2:])
-    writer.add([{"item_id": "id003", "view": "a", "media_type": "image", "text": "lost"}])
+    writer.add([{"item_id": "id003", "view": "a", "media_type": "image", "text": "lost", "attempt": 1}])
     files = store.parquet_files(tmp_path / "descriptions")
     assert len(files) == 1 and pq.read_table(files[0]).num_rows == 4
     plan = describe.make_plan(cfg, fps)
     assert plan.rows_done == 4 and plan.rows_todo == 6
-    assert {i["item_id"]: i["views"] for i in plan.items}["id003"] == "a,b"
+    assert {i["item_id"]: i["views"] for i in _items(plan.todo)}["id003"] == "a,b"
     # the same rows again produce the same file name: a rewrite can never duplicate them
-    writer2 = describe.DescriptionWriter(cfg, "rev", fps, describe.DescribeReport(), first.written)
+    writer2 = describe.DescriptionWriter(cfg, "rev", fps, describe.DescribeReport())
     writer2.add(rows)
     assert store.parquet_files(tmp_path / "descriptions") == files
     table = store.read_folder(tmp_path / "descriptions", schemas.DESCRIPTIONS)
@@ -118,18 +124,20 @@ def test_a_rerun_retries_transient_error_rows_and_the_latest_attempt_counts(tmp_
     _write_manifest(tmp_path, 4)      # id000 failed at ingest (not_found: permanent)
     cfg = _cfg(tmp_path, views=(describe.View("a", "A {media}"),))
     fps = describe.view_fingerprints(cfg, "rev")
-    plan = describe.make_plan(cfg, fps)
-    writer = describe.DescriptionWriter(cfg, "rev", fps, describe.DescribeReport(), plan.written)
-    writer.add([{"item_id": "id000", "view": "a", "media_type": "image", "error_kind": "not_found", "error": "gone"},
-                {"item_id": "id001", "view": "a", "media_type": "image", "error_kind": "http_503", "error": "down"},
-                {"item_id": "id002", "view": "a", "media_type": "image", "error_kind": "invalid_request", "error": "x"},
-                {"item_id": "id003", "view": "a", "media_type": "image", "text": "fine"}])
+    writer = describe.DescriptionWriter(cfg, "rev", fps, describe.DescribeReport())
+    writer.add([{"item_id": "id000", "view": "a", "media_type": "image", "error_kind": "not_found", "error": "gone",
+                 "attempt": 1},
+                {"item_id": "id001", "view": "a", "media_type": "image", "error_kind": "http_503", "error": "down",
+                 "attempt": 1},
+                {"item_id": "id002", "view": "a", "media_type": "image", "error_kind": "invalid_request", "error": "x",
+                 "attempt": 1},
+                {"item_id": "id003", "view": "a", "media_type": "image", "text": "fine", "attempt": 1}])
     writer.flush()
     plan = describe.make_plan(cfg, fps)                     # a plain rerun: only the transient row
-    assert [i["item_id"] for i in plan.items] == ["id001"] and plan.rows_done == 3
-    assert describe._retried(plan, fps) == 1
-    retry = describe.DescriptionWriter(cfg, "rev", fps, describe.DescribeReport(), plan.written)
-    retry.add([{"item_id": "id001", "view": "a", "media_type": "image", "text": "now fine"}])
+    assert [(i["item_id"], i["attempts"]) for i in _items(plan.todo)] == [("id001", [1])]
+    assert (plan.rows_done, plan.rows_retried, plan.ingest_errors.rows) == (3, 1, 0)
+    retry = describe.DescriptionWriter(cfg, "rev", fps, describe.DescribeReport())
+    retry.add([{"item_id": "id001", "view": "a", "media_type": "image", "text": "now fine", "attempt": 2}])
     retry.flush()
     assert describe.make_plan(cfg, fps).rows_todo == 0
     # both attempts stay on disk; every reader sees one row per key, the latest
@@ -140,14 +148,16 @@ def test_a_rerun_retries_transient_error_rows_and_the_latest_attempt_counts(tmp_
     # --retry-errors: the permanent ones too (the ingest failure goes back as an error row)
     cfg = _cfg(tmp_path, views=cfg.views, retry_errors=True)
     plan = describe.make_plan(cfg, fps)
-    assert sorted(i["item_id"] for i in plan.items + plan.ingest_errors) == ["id000", "id002"]
+    assert sorted(i["item_id"] for i in _items(plan.todo) + _items(plan.ingest_errors)) == ["id000", "id002"]
+    assert plan.rows_retried == 2
 
 
 def test_limit_takes_the_first_items_by_id(tmp_path):
     _write_manifest(tmp_path, 6)
     cfg = _cfg(tmp_path, limit=3)
     plan = describe.make_plan(cfg, describe.view_fingerprints(cfg, "r"))
-    assert sorted(i["item_id"] for i in plan.items + plan.ingest_errors) == ["id000", "id001", "id002"]
+    assert sorted(i["item_id"] for i in _items(plan.todo) + _items(plan.ingest_errors)) == ["id000", "id001", "id002"]
+    assert plan.items_total == 6
 
 
 def test_plan_without_manifest_is_a_clear_error(tmp_path):

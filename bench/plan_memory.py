@@ -1,0 +1,204 @@
+"""Driver memory and planning time at scale (issue 11): a describe dry run over manifests of
+100k, 1M and 10M items (half of them already described), each in a fresh child process whose
+peak RSS is the figure; and the planning time of 1M items against a plain pyarrow anti-join of
+the same two tables in the same process (the baseline a user would write: it plans one view,
+with no attempts, and holds both tables in memory).
+
+With --real, also a real describe run (Ray executor, openai engine against the instantly
+answering endpoint of bench/ceiling.py on loopback) over smaller manifests, whose driver peak
+RSS should not grow with the item count.
+
+    python -m bench.plan_memory [--sizes 100000,1000000,10000000] [--real 5000,20000] [--no-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "plan_memory.json"
+CHUNK = 250_000
+MODEL = "instant-endpoint"      # the name bench/ceiling.py's endpoint serves
+
+
+def make_workdir(folder: Path, items: int, done_every: int = 2, image: Path | None = None) -> Path:
+    """A workdir with `items` manifest rows (COCO-like ids and paths) and a description of view
+    "detailed" for every `done_every`-th item, written in chunks (bounded memory). With `image`,
+    every item points at that one file (a real run needs real media)."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import schemas
+    (folder / "manifest").mkdir(parents=True, exist_ok=True)
+    (folder / "descriptions").mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    fingerprint = describe_fingerprint(folder)
+    for start in range(0, items, CHUNK):
+        ids = [f"coco2017:{i:012d}" for i in range(start, min(items, start + CHUNK))]
+        n = len(ids)
+        root = str(image.parent) if image else "/data/coco/train2017"
+        columns = {"item_id": ids, "dataset": ["coco2017"] * n, "split": ["train2017"] * n,
+                   "media_type": ["image"] * n, "root": [root] * n,
+                   "relpath": [image.name] * n if image else [f"{i[9:]}.jpg" for i in ids],
+                   "source_id": [i[9:] for i in ids], "size_bytes": [160_000] * n}
+        pq.write_table(_table(columns, schemas.MANIFEST, n), folder / "manifest" / f"m-{start:09d}.parquet")
+        done = ids[::done_every]
+        k = len(done)
+        columns = {"item_id": done, "view": ["detailed"] * k, "media_type": ["image"] * k,
+                   "text": ["A man rides a red bicycle along a wet street at dusk, past parked cars."] * k,
+                   "finish_reason": ["stop"] * k, "engine": ["openai"] * k, "model": [MODEL] * k,
+                   "fingerprint": [fingerprint] * k, "created_at": pa.array([now] * k, pa.timestamp("us", tz="UTC")),
+                   "attempt": [1] * k}
+        pq.write_table(_table(columns, schemas.DESCRIPTIONS, k), folder / "descriptions" / f"part-{start:09d}.parquet")
+    return folder
+
+
+def _table(columns: dict, schema, n: int):
+    import pyarrow as pa
+    return pa.Table.from_arrays([pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(n, f.type)
+                                 for f in schema], schema=schema)
+
+
+def describe_args(workdir: Path, base_url: str = "http://127.0.0.1:9/v1") -> list[str]:
+    return ["describe", "--workdir", str(workdir), "--engine", "openai", "--model", MODEL,
+            "--base-url", base_url, "--views", "detailed", "--no-progress"]
+
+
+def describe_fingerprint(workdir: Path) -> str:
+    """The fingerprint the stage gives view "detailed" with describe_args (so half is done)."""
+    sys.path.insert(0, str(ROOT))
+    from pipelines import describe
+    from pipelines.engines.base import EngineConfig
+    cfg = describe.DescribeConfig(workdir=workdir, engine=EngineConfig(engine="openai", model=MODEL,
+                                                                      base_url="http://127.0.0.1:9/v1"),
+                                  views=tuple(v for v in describe.DEFAULT_VIEWS if v.name == "detailed"))
+    return describe.view_fingerprints(cfg, describe.model_revision(cfg.engine))["detailed"]
+
+
+def peak_rss_of_cli(args: list[str]) -> dict:
+    """Run the CLI in a fresh child process; its own peak RSS (MB), exit code and wall time."""
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork + exec, so a child would report
+    # this (large) parent's peak; VmHWM belongs to the child's own address space
+    code = ("import runpy, sys, json\n"
+            f"sys.argv = ['leccr-pipe'] + {args!r}\n"
+            "rc = 0\n"
+            "try:\n    runpy.run_module('pipelines.cli', run_name='__main__')\n"
+            "except SystemExit as e:\n    rc = e.code or 0\n"
+            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+            "print('PEAK', json.dumps({'rc': rc, 'peak_mb': int(hwm.split()[1]) / 1024}))\n")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("PEAK ")), None)
+    if line is None:
+        raise RuntimeError(f"no result: {done.stderr[-3000:]}")
+    result = json.loads(line[5:])
+    result["wall_s"] = time.perf_counter() - started
+    result["stderr_tail"] = done.stderr[-600:]
+    return result
+
+
+def planning_times(workdir: Path) -> dict:
+    """Our planner against a pyarrow anti-join of the same manifest and done keys."""
+    import pyarrow.parquet as pq
+
+    from pipelines import describe
+    from pipelines.engines.base import EngineConfig
+    from pipelines.plan import describe_plan
+    fingerprint = describe_fingerprint(workdir)
+    started = time.perf_counter()
+    manifest = pq.read_table(workdir / "manifest", columns=["item_id", "media_type", "root", "relpath"])
+    done = pq.read_table(workdir / "descriptions", columns=["item_id", "view", "fingerprint"])
+    done = done.filter(done.column("fingerprint").to_numpy(zero_copy_only=False) == fingerprint)
+    todo = manifest.join(done.select(["item_id"]), keys="item_id", join_type="left anti")
+    baseline_s = time.perf_counter() - started
+    started = time.perf_counter()
+    plan = describe_plan(workdir, {"detailed": fingerprint}, None, False)
+    ours_s = time.perf_counter() - started
+    try:
+        assert plan.todo.rows == todo.num_rows, (plan.todo.rows, todo.num_rows)
+    finally:
+        plan.close()
+    del describe, EngineConfig
+    return {"items": manifest.num_rows, "todo": todo.num_rows, "pyarrow_anti_join_s": baseline_s, "plan_s": ours_s,
+            "ratio": ours_s / baseline_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000,1000000,10000000")
+    parser.add_argument("--timing-size", type=int, default=1_000_000)
+    parser.add_argument("--real", default="", help="item counts for real runs, e.g. 5000,20000")
+    parser.add_argument("--no-docs", action="store_true")
+    args = parser.parse_args()
+    results: dict = {"dry_run": {}, "real_run": {}, "cpu_count": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="plan-bench-") as tmp:
+        for size in [int(s) for s in args.sizes.split(",") if s]:
+            workdir = make_workdir(Path(tmp) / f"w{size}", size)
+            results["dry_run"][size] = peak_rss_of_cli([*describe_args(workdir), "--dry-run"])
+            print(f"dry run {size:>9} items: peak {results['dry_run'][size]['peak_mb']:.0f} MB, "
+                  f"{results['dry_run'][size]['wall_s']:.1f} s", flush=True)
+            if size == args.timing_size:
+                results["planning"] = planning_times(workdir)
+                print(f"planning {size} items: {results['planning']}", flush=True)
+        if args.real:
+            results["real_run"] = real_runs(Path(tmp), [int(s) for s in args.real.split(",")])
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps({k: v for k, v in results.items()}, indent=1, default=str)[:4000])
+    if not args.no_docs:
+        from bench.docs_section import replace_section
+        replace_section("plan_memory.py", "## Driver memory and planning at scale (bench/plan_memory.py)\n\n"
+                        + "\n".join(docs_lines(results)) + "\n")
+
+
+def real_runs(tmp: Path, sizes: list[int]) -> dict:
+    """Real describe runs (Ray) against an instant endpoint: the driver's peak RSS by size."""
+    from PIL import Image
+
+    from bench.ceiling import Endpoint
+    image = tmp / "media" / "one.jpg"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 48), (200, 80, 40)).save(image)
+    out = {}
+    with Endpoint() as endpoint:
+        for size in sizes:
+            workdir = make_workdir(tmp / f"real{size}", size, image=image)
+            out[size] = peak_rss_of_cli(describe_args(workdir, f"{endpoint.root_url}/v1"))
+            print(f"real run {size:>7} items: driver peak {out[size]['peak_mb']:.0f} MB, {out[size]['wall_s']:.1f} s",
+                  flush=True)
+    return out
+
+
+def docs_lines(results: dict) -> list[str]:
+    lines = ["| manifest items (half done) | dry run: driver peak RSS | wall |", "|---|---|---|"]
+    dry = results["dry_run"]
+    for size, r in dry.items():
+        lines.append(f"| {int(size):,} | {r['peak_mb']:.0f} MB | {r['wall_s']:.1f} s |")
+    sizes = sorted(int(s) for s in dry)
+    if 100_000 in sizes and 1_000_000 in sizes:
+        lines.append(f"\n1M / 100k peak: **{dry[1_000_000]['peak_mb'] / dry[100_000]['peak_mb']:.2f}x** "
+                     f"(target <= 1.2x).")
+    if "planning" in results:
+        p = results["planning"]
+        lines.append(f"\nPlanning {p['items']:,} items: {p['plan_s']:.2f} s, a plain pyarrow anti-join of the same "
+                     f"tables {p['pyarrow_anti_join_s']:.2f} s: ratio **{p['ratio']:.2f}**.")
+    if results.get("real_run"):
+        lines += ["", "| manifest items (half done) | real run (Ray, instant endpoint): driver peak RSS | wall |",
+                  "|---|---|---|"]
+        for size, r in results["real_run"].items():
+            lines.append(f"| {int(size):,} | {r['peak_mb']:.0f} MB | {r['wall_s']:.1f} s |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Planning that scales: what a stage still has to do, computed out of core and kept on disk.
+
+The describe plan is an anti-join of the manifest x views against the keys already done in
+`descriptions/` (the latest attempt of each key counts; pipelines.failures says which failures
+are done), run by DuckDB over the Parquet files column-wise. The key space is cut into
+partitions by a hash of item_id, PARTITION_ITEMS manifest rows each, and each partition is
+planned on its own, so the driver's memory does not grow with the dataset: the plan goes to
+Parquet shards in a temp folder, one per partition, and the stage reads them back a batch at a
+time (`PlanShards.batches`). Each plan row is an item with the views still to do and, per view,
+the attempts already made (0: never), so that a retried row is written as the next attempt
+without the driver keeping a map of every key.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+from pipelines import failures, store
+
+PARTITION_ITEMS = 100_000       # manifest rows planned at once: bounds the planner's memory
+DUCKDB_MEMORY = "256MB"         # DuckDB's own limit (it spills to the plan folder beyond it)
+SPREAD_SAMPLE = 2000
+
+
+@dataclass
+class PlanShards:
+    """Rows of a plan in Parquet files; `batches` reads them back lazily, in file order."""
+    files: list[Path] = field(default_factory=list)
+    rows: int = 0                  # plan rows (describe: items)
+
+    def batches(self, size: int) -> Iterator[list[dict]]:
+        for path in self.files:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=size):
+                yield batch.to_pylist()
+
+    def spread(self, k: int = SPREAD_SAMPLE) -> list[dict]:
+        """At most k rows, evenly spread over the plan (the dry run's cost sample)."""
+        if self.rows <= k:
+            return [row for batch in self.batches(4096) for row in batch]
+        wanted = {int(i * self.rows / k) for i in range(k)}
+        chosen, offset = [], 0
+        for path in self.files:
+            table = pq.read_table(path)
+            local = sorted(i - offset for i in wanted if offset <= i < offset + table.num_rows)
+            chosen.extend(table.take(local).to_pylist())
+            offset += table.num_rows
+        return chosen
+
+
+@dataclass
+class DescribePlan:
+    todo: PlanShards               # items to send to the engine: item_id, media_type, root, relpath, views, attempts
+    ingest_errors: PlanShards      # items that failed at ingest: error rows, no engine needed
+    items_total: int               # manifest rows
+    rows_done: int
+    rows_todo: int
+    rows_retried: int              # rows to do whose earlier attempt failed
+    engine_rows: int               # rows to do that go to the engine (not ingest errors)
+    folder: Path                   # the temp folder holding the shards (removed by `close`)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def describe_plan(workdir: Path, views: dict[str, str], limit: int | None, retry_errors: bool) -> DescribePlan:
+    """Plan a describe run: views maps each view name (in order) to its fingerprint."""
+    import duckdb
+    manifest = _validated(workdir / store.MANIFEST_DIR, schemas.MANIFEST)
+    if not manifest:
+        raise store.StageInputError(f"{workdir} has no manifest: run `leccr-pipe describe --input FOLDER` "
+                                    f"(or `leccr-pipe ingest`) first")
+    done_files = _validated(workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS)
+    folder = Path(tempfile.mkdtemp(prefix="leccr-plan-"))
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET memory_limit='{DUCKDB_MEMORY}'; SET threads=1; SET temp_directory='{folder / 'spill'}'")
+        con.execute("CREATE TEMP TABLE views (view VARCHAR, fingerprint VARCHAR, ord INTEGER)")
+        con.executemany("INSERT INTO views VALUES (?, ?, ?)", [(v, fp, i) for i, (v, fp) in enumerate(views.items())])
+        con.execute(f"CREATE TEMP VIEW manifest AS SELECT item_id, media_type, root, relpath, error_kind, error "
+                    f"FROM read_parquet({_paths(manifest)}, union_by_name = true)")
+        if limit is not None:   # the first N items by id: O(N), which the user chose
+            con.execute(f"CREATE TEMP TABLE limited AS SELECT * FROM manifest ORDER BY item_id LIMIT {int(limit)}")
+        source = "limited" if limit is not None else "manifest"
+        items_total = con.execute("SELECT count(*) FROM manifest").fetchone()[0]
+        items = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
+        partitions = max(1, math.ceil(items / PARTITION_ITEMS))
+        plan = DescribePlan(PlanShards(), PlanShards(), items_total, 0, 0, 0, 0, folder)
+        for part in range(partitions):
+            _plan_partition(con, source, done_files, part, partitions, retry_errors, plan)
+        return plan
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        con.close()
+
+
+def _plan_partition(con, source: str, done_files: list[Path], part: int, partitions: int, retry_errors: bool,
+                    plan: DescribePlan) -> None:
+    """One hash partition of the items: its keys with their state, then its plan shards."""
+    in_part = f"hash(item_id) % {partitions} = {part}"
+    latest = ("SELECT NULL::VARCHAR AS item_id, NULL::VARCHAR AS view, 0 AS attempts, NULL::VARCHAR AS last_error "
+              "WHERE false")
+    if done_files:
+        # the latest attempt of each key decides (store.latest_attempts is the same rule for readers)
+        latest = (f"SELECT d.item_id, d.view, max(coalesce(d.attempt, 1)) AS attempts, "
+                  f"arg_max_null(d.error_kind, (coalesce(d.attempt, 1), d.created_at)) AS last_error "
+                  f"FROM read_parquet({_paths(done_files)}, union_by_name = true) d "
+                  f"JOIN views v ON d.view = v.view AND d.fingerprint = v.fingerprint "
+                  f"WHERE {in_part.replace('item_id', 'd.item_id')} GROUP BY d.item_id, d.view")
+    still_failed = "l.last_error IS NOT NULL" if retry_errors else \
+        f"l.last_error IS NOT NULL AND l.last_error NOT IN ({_sql_list(failures.permanent_kinds())})"
+    con.execute(f"""
+        CREATE OR REPLACE TEMP TABLE keys AS
+        WITH m AS (SELECT * FROM {source} WHERE {in_part}), l AS ({latest})
+        SELECT m.*, v.view, v.ord, coalesce(l.attempts, 0) AS attempts,
+               l.item_id IS NOT NULL AND NOT ({still_failed}) AS done
+        FROM m CROSS JOIN views v LEFT JOIN l ON l.item_id = m.item_id AND l.view = v.view""")
+    counts = con.execute("SELECT count_if(done), count_if(NOT done), count_if(NOT done AND attempts > 0), "
+                         "count_if(NOT done AND error_kind IS NULL) FROM keys").fetchone()
+    done, todo, retried, engine = (n or 0 for n in counts)
+    plan.rows_done, plan.rows_todo = plan.rows_done + done, plan.rows_todo + todo
+    plan.rows_retried, plan.engine_rows = plan.rows_retried + retried, plan.engine_rows + engine
+    for shards, which, name in ((plan.todo, "error_kind IS NULL", "todo"),
+                                (plan.ingest_errors, "error_kind IS NOT NULL", "ingest-errors")):
+        path = plan.folder / f"{name}-{part:05d}.parquet"
+        con.execute(f"""
+            COPY (SELECT item_id, any_value(media_type) AS media_type, any_value(root) AS root,
+                         any_value(relpath) AS relpath, any_value(error_kind) AS error_kind, any_value(error) AS error,
+                         string_agg(view, ',' ORDER BY ord) AS views, list(attempts ORDER BY ord) AS attempts
+                  FROM keys WHERE NOT done AND {which} GROUP BY item_id ORDER BY item_id)
+            TO '{path}' (FORMAT parquet)""")
+        rows = pq.ParquetFile(path).metadata.num_rows
+        if rows:
+            shards.files.append(path)
+            shards.rows += rows
+        else:
+            path.unlink()
+
+
+def _validated(folder: Path, schema: pa.Schema) -> list[Path]:
+    """The folder's Parquet files, each checked against the contract (footers only)."""
+    files = store.parquet_files(folder)
+    for path in files:
+        schemas.validate(pq.read_schema(path), schema, where=str(path))
+    return files
+
+
+def _paths(files: list[Path]) -> str:
+    return "[" + ", ".join(_sql_str(str(p)) for p in files) + "]"
+
+
+def _sql_list(values) -> str:
+    return ", ".join(_sql_str(v) for v in sorted(values))
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+

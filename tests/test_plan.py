@@ -1,0 +1,90 @@
+"""The out-of-core describe plan (pipelines/plan.py): the same answer in one partition or many,
+the same "latest attempt wins" rule as the readers (store.latest_attempts), files written
+before the attempt column existed, and an evenly spread sample."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+from pipelines import plan as planner
+from pipelines import store
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _manifest(workdir, n):
+    rows = [{"item_id": f"id{i:04d}", "dataset": "d", "root": "/", "relpath": f"{i}.jpg", "media_type": "image"}
+            for i in range(n)]
+    store.write_atomic(pa.Table.from_pylist(rows, schema=schemas.MANIFEST), workdir / "manifest" / "m.parquet")
+
+
+def _descriptions(workdir, name, rows, drop_attempt=False):
+    full = [{"view": "a", "fingerprint": "fa", "media_type": "image", **r} for r in rows]
+    table = pa.Table.from_pylist(full, schema=schemas.DESCRIPTIONS)
+    if drop_attempt:                       # a file written before retries existed
+        table = table.drop_columns(["attempt"])
+    (workdir / "descriptions").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, workdir / "descriptions" / f"{name}.parquet")
+
+
+def _todo(plan) -> dict[str, list[int]]:
+    return {r["item_id"]: r["attempts"] for batch in plan.todo.batches(7) for r in batch}
+
+
+def test_many_partitions_plan_what_one_does(tmp_path, monkeypatch):
+    _manifest(tmp_path, 50)
+    _descriptions(tmp_path, "old", [{"item_id": f"id{i:04d}", "text": "t", "created_at": T0} for i in range(0, 50, 3)],
+                  drop_attempt=True)
+    _descriptions(tmp_path, "new", [{"item_id": f"id{i:04d}", "error_kind": "timeout", "attempt": 1, "created_at": T0}
+                                    for i in range(1, 50, 3)])
+    one = planner.describe_plan(tmp_path, {"a": "fa", "b": "fb"}, None, False)
+    monkeypatch.setattr(planner, "PARTITION_ITEMS", 7)
+    many = planner.describe_plan(tmp_path, {"a": "fa", "b": "fb"}, None, False)
+    try:
+        assert len(many.todo.files) > 1 and len(one.todo.files) == 1
+        assert _todo(one) == _todo(many)
+        assert (one.rows_done, one.rows_todo, one.rows_retried) == (many.rows_done, many.rows_todo, many.rows_retried)
+        # view a: 17 done (old files count as attempt 1), 17 timeouts retried, 16 new; view b: all 50 new
+        assert (one.rows_done, one.rows_todo, one.rows_retried) == (17, 83, 17)
+        assert _todo(one)["id0001"] == [1, 0] and _todo(one)["id0002"] == [0, 0] and "id0000" in _todo(one)
+    finally:
+        one.close()
+        many.close()
+
+
+def test_the_plan_and_the_readers_agree_on_the_latest_attempt(tmp_path):
+    _manifest(tmp_path, 4)
+    rows = [  # (item, error_kind, attempt, created_at)
+        ("id0000", "timeout", None, 0), ("id0000", None, 2, 1),                    # retried: fine now
+        ("id0001", None, 1, 0), ("id0001", "http_503", 2, 1),                     # --retry-errors'd, failed again
+        ("id0002", "http_500", 3, 5), ("id0002", None, 3, 4),                     # a tie: the later row
+        ("id0003", "not_found", None, 0),                                         # permanent
+    ]
+    _descriptions(tmp_path, "x", [{"item_id": i, "error_kind": e, "attempt": a, "created_at": T0 + dt.timedelta(s)}
+                                  for i, e, a, s in rows])
+    latest = store.read_folder(tmp_path / "descriptions", schemas.DESCRIPTIONS).to_pylist()
+    failed = {r["item_id"] for r in latest if r["error_kind"] and r["error_kind"] != "not_found"}
+    assert failed == {"id0001", "id0002"}
+    plan = planner.describe_plan(tmp_path, {"a": "fa"}, None, False)
+    try:
+        assert _todo(plan) == {"id0001": [2], "id0002": [3]}
+    finally:
+        plan.close()
+
+
+def test_spread_takes_evenly_spaced_rows_across_shards(tmp_path, monkeypatch):
+    _manifest(tmp_path, 40)
+    monkeypatch.setattr(planner, "PARTITION_ITEMS", 9)
+    plan = planner.describe_plan(tmp_path, {"a": "fa"}, None, False)
+    try:
+        every = [r["item_id"] for batch in plan.todo.batches(5) for r in batch]
+        assert len(every) == plan.todo.rows == 40 and len(set(every)) == 40
+        sample = [r["item_id"] for r in plan.todo.spread(10)]
+        assert sample == every[::4]
+    finally:
+        plan.close()
+    assert not plan.folder.exists()
