@@ -407,8 +407,9 @@ def _replace(ray: Any, engine: _Engine, running: dict, queued: deque, step: Engi
     """Start a new actor for a lost one and queue its running batches again, first in line."""
     dead = engine.actor
     if engine.replacements >= MAX_ENGINE_REPLACEMENTS:
-        raise FatalEngineError(f"an engine actor was lost {engine.replacements + 1} times (at most "
-                               f"{MAX_ENGINE_REPLACEMENTS} replacements per engine); last: {root_cause(err)}") from err
+        raise FatalEngineError(f"an engine actor was lost {engine.replacements + 1} time(s), and at most "
+                               f"{MAX_ENGINE_REPLACEMENTS} new ones are started per engine; last: {root_cause(err)}"
+                               ) from err
     for generator in [g for g, r in running.items() if r.actor is dead]:
         batch = running.pop(generator).batch
         if batch.given and step.row_key is None:
