@@ -188,11 +188,12 @@ class StallClock:
         return max(0.0, self.timeout_s - (time.monotonic() - self.last)) if self.timeout_s else None
 
     def check(self, waiting: Callable[[], str] | None = None) -> None:
+        """`waiting` says what the executor waits for (only called on a stall)."""
         idle = time.monotonic() - self.last
         if self.timeout_s and idle >= self.timeout_s:
-            ray_part = f"; Ray is waiting for: {waiting()}" if waiting else ""
+            what = f"; {waiting()}" if waiting else ""
             raise StallError(f"stalled: no rows finished for {idle:.0f} s while up to {self.owed} rows are still "
-                             f"owed{ray_part}. If an engine start (e.g. a model download) is slow, raise "
+                             f"owed{what}. If an engine start (e.g. a model download) is slow, raise "
                              f"--stall-timeout (now {self.timeout_s:g} s; 0 turns the check off)")
 
 
@@ -337,7 +338,7 @@ def stream_on_ray(ray: Any, rows: list[dict], step: EngineStep, n_engines: int, 
 
     def waiting() -> str:
         started = sum(e.window is not None for e in engines)
-        return f"{waiting_for(ray)} (engine actors up: {started} of {len(engines)})"
+        return f"engine actors up: {started} of {len(engines)}; {waiting_for(ray)}"
 
     try:
         while batches or queued or running:
