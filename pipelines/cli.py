@@ -132,6 +132,9 @@ def describe(
     max_in_flight: Optional[int] = typer.Option(None, help="Requests kept in flight per engine (vllm, openai); "
                                                            "default: twice what it runs at once (vLLM's "
                                                            "max_num_seqs, --concurrency) plus two batches."),
+    stall_timeout: float = typer.Option(600.0, "--stall-timeout", help="Exit 1 when no row finishes for this many "
+                                        "seconds while work remains (0: never); raise it for slow engine starts."),
+    engine_num_cpus: float = typer.Option(1.0, help="CPUs each engine actor asks Ray for."),
     rows_per_file: int = typer.Option(2048, help="Rows per output Parquet file (the unit of resume)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the end summary as JSON here."),
@@ -170,6 +173,7 @@ def describe(
                                    retry_errors=retry_errors, max_error_rate=max_error_rate,
                                    ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
                                    batch_size=batch_size, max_in_flight=max_in_flight,
+                                   stall_timeout_s=stall_timeout, engine_num_cpus=engine_num_cpus,
                                    rows_per_file=rows_per_file, progress=progress)
     except (TypeError, ValueError) as err:
         _fail(EXIT_BAD_INPUT, f"bad option: {err}")
@@ -267,6 +271,9 @@ def translate(
     max_in_flight: Optional[int] = typer.Option(None, help="Requests kept in flight per engine (vllm, openai); "
                                                            "default: twice what it runs at once (vLLM's "
                                                            "max_num_seqs, --concurrency) plus two batches."),
+    stall_timeout: float = typer.Option(600.0, "--stall-timeout", help="Exit 1 when no row finishes for this many "
+                                        "seconds while work remains (0: never); raise it for slow engine starts."),
+    engine_num_cpus: float = typer.Option(1.0, help="CPUs each engine actor asks Ray for."),
     rows_per_file: int = typer.Option(4096, help="Rows per output Parquet file (the unit of resume)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the end summary as JSON here."),
@@ -310,6 +317,7 @@ def translate(
                                     retry_errors=retry_errors, max_error_rate=max_error_rate,
                                     ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
                                     batch_size=batch_size, max_in_flight=max_in_flight,
+                                    stall_timeout_s=stall_timeout, engine_num_cpus=engine_num_cpus,
                                     rows_per_file=rows_per_file, progress=progress)
     except (OSError, TypeError, ValueError) as err:   # UnknownLanguageError is a ValueError
         _fail(EXIT_BAD_INPUT, str(err))

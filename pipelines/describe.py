@@ -74,6 +74,7 @@ class DescribeConfig:
     load_num_cpus: float = 0.5             # fractional: on 2 cores whole CPUs starve the engine
     batch_size: int = 32                   # requests per dispatch to an engine (and per load task)
     max_in_flight: int | None = None       # requests owed per engine; None: 2x what it runs at once + 2 batches
+    stall_timeout_s: float = 600.0         # stop (exit 1) when no row finishes for this long; 0: never
     rows_per_file: int = 2048
     progress: bool = True
 
@@ -306,7 +307,7 @@ def _stream_rows(cfg: DescribeConfig, todo: PlanShards, writer: DescriptionWrite
                       out_schema=_ENGINE_OUT, batch_size=items_per_batch, outputs_per_input=len(cfg.views),
                       max_in_flight=cfg.max_in_flight, num_cpus=cfg.engine_num_cpus,
                       prepare=partial(load_batch, media_cfg=cfg.media),
-                      prepare_num_cpus=cfg.load_num_cpus)
+                      prepare_num_cpus=cfg.load_num_cpus, row_key=lambda r: (r["item_id"], r["view"]))
     results = stream(rows, step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,
-                     num_engines=cfg.num_engines)
+                     num_engines=cfg.num_engines, stall_timeout_s=cfg.stall_timeout_s)
     write_as_they_come(results, writer.add, advance, report, started, rows_before=rows_before)

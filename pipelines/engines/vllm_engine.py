@@ -3,19 +3,31 @@
 Every request is its own task on the worker's EngineLoop with its own future, resolved as soon
 as it finishes; the runner keeps twice vLLM's max_num_seqs requests in flight per engine, so
 the scheduler always has requests waiting instead of draining to the longest output of a
-batch. A request vLLM rejects (e.g. a prompt longer than max_model_len) fails alone; a dead
-engine stops the run. `StreamingLLM` is shared by describe and translate.
+batch. A request vLLM rejects (e.g. a prompt longer than max_model_len) fails alone. An engine
+that dies (EngineDeadError: its engine-core process is gone; MemoryError) is started again
+once, and the requests that failed with it go to the new one; a second death stops the run.
+`StreamingLLM` is shared by describe and translate.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import logging
 import uuid
 from concurrent.futures import Future
 from typing import Any, Callable
 
 from pipelines.engines.base import (DescribeRequest, DescribeResult, EngineConfig, EngineLoop, FatalEngineError,
                                     Stopwatch, chat_content, done_future, frames_of, require, uses_native_video)
+
+# per worker: an engine that died once may have met bad luck (a killed process); twice stops the run
+MAX_ENGINE_RESTARTS = 1
+log = logging.getLogger(__name__)
+
+
+def _engine_died(err: BaseException) -> bool:
+    return type(err).__name__ == "EngineDeadError" or isinstance(err, MemoryError)
 
 
 class StreamingLLM:
@@ -27,6 +39,8 @@ class StreamingLLM:
         self.engine: Any = None
         self.loop: EngineLoop | None = None
         self._ids = (f"{uuid.uuid4().hex[:8]}-{n}" for n in itertools.count())
+        self.restarts = 0
+        self._restarting = asyncio.Lock()   # binds to the engine loop when first used
 
     def start(self) -> None:
         vllm = require("vllm", "vllm")
@@ -39,9 +53,9 @@ class StreamingLLM:
                                           seed=s.seed, repetition_penalty=s.repetition_penalty,
                                           ignore_eos=s.ignore_eos, output_kind=RequestOutputKind.FINAL_ONLY)
         # built on the loop, so that the engine's output handler task lives there
-        self.engine = self.loop.run(self._build(vllm))
+        self.engine = self.loop.run(self._build())
 
-    async def _build(self, vllm: Any) -> Any:
+    async def _build(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -78,15 +92,18 @@ class StreamingLLM:
 
     async def generate(self, engine_input: Any) -> DescribeResult:
         watch = Stopwatch()
-        final = None
-        try:
-            async for output in self.engine.generate(engine_input, self.params, request_id=next(self._ids)):
-                final = output
-        except Exception as err:  # noqa: BLE001
-            if type(err).__name__ == "EngineDeadError" or isinstance(err, MemoryError):
-                raise FatalEngineError(f"the vLLM engine failed: {type(err).__name__}: {err}") from err
-            cause = err.__cause__ if type(err).__name__ == "EngineGenerateError" and err.__cause__ else err
-            return DescribeResult.failed("invalid_request", f"{type(cause).__name__}: {cause}", watch.elapsed())
+        while True:
+            engine, final = self.engine, None
+            try:
+                async for output in engine.generate(engine_input, self.params, request_id=next(self._ids)):
+                    final = output
+                break
+            except Exception as err:  # noqa: BLE001
+                if _engine_died(err):
+                    await self._restart(engine, err)
+                    continue       # the same request, on the new engine
+                cause = err.__cause__ if type(err).__name__ == "EngineGenerateError" and err.__cause__ else err
+                return DescribeResult.failed("invalid_request", f"{type(cause).__name__}: {cause}", watch.elapsed())
         if final is None:
             return DescribeResult.failed("bad_response", "vLLM finished the request without an output",
                                          watch.elapsed())
@@ -94,6 +111,24 @@ class StreamingLLM:
         return DescribeResult(text=completion.text, prompt_tokens=len(final.prompt_token_ids or []),
                               output_tokens=len(completion.token_ids), finish_reason=completion.finish_reason,
                               latency_s=watch.elapsed())
+
+    async def _restart(self, dead: Any, err: BaseException) -> None:
+        """Replace a dead engine, once. Every request in flight fails with it at once: the first
+        one here restarts it, the others find the new engine and go on; past the bound, every
+        one of them raises FatalEngineError with the reason."""
+        async with self._restarting:
+            if self.engine is not dead:
+                return
+            reason = f"{type(err).__name__}: {err}"
+            if self.restarts >= MAX_ENGINE_RESTARTS:
+                raise FatalEngineError(f"the vLLM engine died again after {self.restarts} restart(s): {reason}") from err
+            self.restarts += 1
+            log.warning("the vLLM engine died (%s); starting it again", reason)
+            try:
+                dead.shutdown()
+            except Exception:  # noqa: BLE001 - what is left of a dead engine may fail to stop
+                pass
+            self.engine = await self._build()
 
     def close(self) -> None:
         """Stop the engine's processes now rather than at interpreter exit."""
