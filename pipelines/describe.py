@@ -29,8 +29,8 @@ from pipelines.engines.base import DescribeRequest, EngineConfig, make_describer
 from pipelines.ingest import IngestConfig, IngestReport
 from pipelines.media import MediaConfig, MediaError, decode_pixels, encode_pixels, load_media
 from pipelines.progress import progress_bar
-from pipelines.runner import EngineStep, StreamReport, enforce_error_rate, stream, write_as_they_come
 from pipelines.plan import DescribePlan, PlanShards, describe_plan
+from pipelines.runner import Batches, EngineStep, StreamReport, enforce_error_rate, stream, write_as_they_come
 from pipelines.shards import KeyedWriter
 
 
@@ -298,10 +298,12 @@ _ENGINE_OUT = pa.schema([f for f in schemas.DESCRIPTIONS if f.name in {
 def _stream_rows(cfg: DescribeConfig, todo: PlanShards, writer: DescriptionWriter, advance,
                  report: DescribeReport, started: float, rows_before: int) -> None:
     """Run load -> engine through the shared runner and write results as they stream in."""
-    rows = [{k: i[k] for k in ("item_id", "views", "attempts", "media_type", "root", "relpath")}
-            for batch in todo.batches(4096) for i in batch]
     # batch_size counts engine requests; an item becomes one request per view
     items_per_batch = max(1, cfg.batch_size // len(cfg.views))
+    # read from the plan's shards as the engines take them: the driver never holds the plan
+    columns = ("item_id", "views", "attempts", "media_type", "root", "relpath")
+    rows = Batches(([{k: i[k] for k in columns} for i in batch] for batch in todo.batches(items_per_batch)),
+                   todo.rows)
     step = EngineStep(make_engine=partial(make_describer, cfg.engine),
                       stream_fn=partial(describe_stream, views={v.name: v for v in cfg.views}),
                       out_schema=_ENGINE_OUT, batch_size=items_per_batch, outputs_per_input=len(cfg.views),

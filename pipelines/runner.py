@@ -34,7 +34,7 @@ import time
 from collections import Counter, deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any, Callable, Hashable, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -202,7 +202,19 @@ class StallClock:
                              f"--stall-timeout (now {self.timeout_s:g} s; 0 turns the check off)")
 
 
-def stream(rows: list[dict], step: EngineStep, *, executor: str, engine_cfg: EngineConfig,
+@dataclass
+class Batches:
+    """A run's input a batch at a time, so that a stage's plan can stay on disk (pipelines/plan.py)
+    and the driver holds only the batches in flight; `rows` is the number of input rows in all."""
+    batches: Iterable[list[dict]]
+    rows: int
+
+
+def _batches(rows: "list[dict] | Batches", size: int) -> Batches:
+    return rows if isinstance(rows, Batches) else Batches(batches_of(rows, size), len(rows))
+
+
+def stream(rows: "list[dict] | Batches", step: EngineStep, *, executor: str, engine_cfg: EngineConfig,
            ray_address: str | None = None, num_engines: int | None = None,
            stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> Iterator[list[dict]]:
     """Run `rows` through the step on the chosen executor; yield output rows as they finish.
@@ -221,7 +233,7 @@ def batches_of(rows: list[dict], size: int) -> Iterator[list[dict]]:
 
 # --------------------------------------------------------------------------- local executor
 
-def stream_locally(rows: list[dict], step: EngineStep, stall_timeout_s: float = 0) -> Iterator[list[dict]]:
+def stream_locally(rows: "list[dict] | Batches", step: EngineStep, stall_timeout_s: float = 0) -> Iterator[list[dict]]:
     """The step in this process: one engine, each batch on its own thread (prepare, then the
     stream function), admitted by the engine's window; rows are yielded as they finish. The
     engine is closed at the end, also on an error (threads still running are daemons and
@@ -243,10 +255,11 @@ def stream_locally(rows: list[dict], step: EngineStep, stall_timeout_s: float = 
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
             events.put(("error", batch_id, err))
 
-    pending = enumerate(batches_of(rows, step.batch_size))
+    source = _batches(rows, step.batch_size)
+    pending = enumerate(source.batches)
     upcoming = next(pending, None)
     owed: dict[int, int] = {}      # running batch -> rows it may still give
-    stall = StallClock(stall_timeout_s, len(rows) * step.outputs_per_input)
+    stall = StallClock(stall_timeout_s, source.rows * step.outputs_per_input)
     try:
         while upcoming is not None or owed:
             while upcoming is not None and window.admits(estimate := len(upcoming[1]) * step.outputs_per_input):
@@ -325,32 +338,34 @@ class _Running:
     actor: Any          # the actor it was sent to (the engine's actor may have been replaced since)
 
 
-def stream_on_ray(ray: Any, rows: list[dict], step: EngineStep, n_engines: int, gpus: float,
+def stream_on_ray(ray: Any, rows: "list[dict] | Batches", step: EngineStep, n_engines: int, gpus: float,
                   stall_timeout_s: float = 0) -> Iterator[list[dict]]:
     """Prepare batches on CPU tasks a few ahead of the engines, hand each to the least busy
     engine actor with room in its window (by reference: the driver never holds the prepared
     data), and yield output rows as the actors stream them back. A lost actor is replaced and
     its batches go out again; rows they already gave are dropped (exactly once)."""
     engines = [_Engine(_actor_factory(ray, step, gpus)) for _ in range(n_engines)]
-    batches = deque(batches_of(rows, step.batch_size))
+    source = _batches(rows, step.batch_size)
+    batches = iter(source.batches)
+    upcoming = next(batches, None)
     queued: deque[_Batch] = deque()                  # prepared (or being prepared) and re-sent batches, in order
     prepare = (ray.remote(_prepare).options(num_cpus=step.prepare_num_cpus, max_retries=PREPARE_RETRIES)
                if step.prepare else None)
     prepare_fn = ray.put(step.prepare) if step.prepare else None
     ahead = PREPARED_AHEAD_PER_ENGINE * n_engines
     running: dict[Any, _Running] = {}
-    stall = StallClock(stall_timeout_s, len(rows) * step.outputs_per_input)
+    stall = StallClock(stall_timeout_s, source.rows * step.outputs_per_input)
 
     def waiting() -> str:
         started = sum(e.window is not None for e in engines)
         return f"engine actors up: {started} of {len(engines)}; {waiting_for(ray)}"
 
     try:
-        while batches or queued or running:
-            while batches and len(queued) < ahead:
-                batch = batches.popleft()
-                data = prepare.remote(prepare_fn, batch) if prepare else batch
-                queued.append(_Batch(data, len(batch) * step.outputs_per_input))
+        while upcoming is not None or queued or running:
+            while upcoming is not None and len(queued) < ahead:   # the input is read as it is needed
+                data = prepare.remote(prepare_fn, upcoming) if prepare else upcoming
+                queued.append(_Batch(data, len(upcoming) * step.outputs_per_input))
+                upcoming = next(batches, None)
             _dispatch(queued, engines, running)
             starting = {e.ready: e for e in engines if e.window is None}
             waitables = [*running, *starting]
