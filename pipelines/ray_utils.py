@@ -3,11 +3,12 @@ turning Ray's wrapped failures back into readable reasons."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import socket
-from typing import Any
+from typing import Any, Mapping
 
 from pipelines.engines.base import FatalEngineError
 
@@ -22,7 +23,8 @@ def init_ray(address: str | None) -> Any:
     Without an address Ray itself would join any cluster started on this machine with `ray
     start` (its temp folder's `ray_current_cluster` file) and hang on GCS time-outs when that
     cluster is dead: `address="local"` always starts our own. A named cluster that does not
-    answer fails within seconds (RayUnreachableError) instead of hanging."""
+    answer fails within seconds (RayUnreachableError) instead of hanging. Inside a Ray job Ray
+    sets RAY_ADDRESS to the job's own cluster, so the stage runs there (tests/test_ray_jobs.py)."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         # Read by Ray at import time. A private local cluster: token auth protects shared
@@ -34,10 +36,22 @@ def init_ray(address: str | None) -> Any:
         return ray
     if address:
         check_reachable(address)
-    env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "OMP_", "TRANSFORMERS_"))}
+    env = env_for_workers(os.environ)
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              logging_level=logging.WARNING, runtime_env={"env_vars": env} if env else None)
     return ray
+
+
+FORWARDED_ENV_PREFIXES = ("VLLM_", "HF_", "OMP_", "TRANSFORMERS_")
+
+
+def env_for_workers(environ: Mapping[str, str]) -> dict[str, str]:
+    """The driver's engine settings (VLLM_*, HF_*, ...) that the workers get too. Inside a Ray job
+    (`ray job submit`, jobs/ray/) the job's runtime env already gives its env_vars to every
+    worker, and ray.init refuses a runtime env that names any of them again: those are left out."""
+    job_config = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")   # set by Ray's job supervisor
+    job_env = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k not in job_env}
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

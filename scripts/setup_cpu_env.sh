@@ -19,7 +19,9 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # them in every process (vLLM spawns subprocesses). Test/CI environment only.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cp scripts/cpu_env/torchvision_cpu_fix.py scripts/cpu_env/leccr_torchvision_cpu_fix.pth "$site/"
-.venv/bin/python -c 'import torchvision, vllm, ray, decord, av, transformers, faiss, matplotlib, tensorboard' 2>/dev/null \
+# ray.dashboard.optional_deps: Ray's own list of what its dashboard (the jobs server) needs, i.e.
+# ray[default] (the cluster extra; tests/test_ray_jobs.py).
+.venv/bin/python -c 'import torchvision, vllm, ray, ray.dashboard.optional_deps, decord, av, transformers, faiss, matplotlib, tensorboard' 2>/dev/null \
   || { echo "setup: the CPU environment does not import; see docs/environment notes" >&2; exit 1; }
 # The report test opens report.html in a real headless Chromium (the Debian package).
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
