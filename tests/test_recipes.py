@@ -144,11 +144,12 @@ def test_search_finds_the_right_image_far_above_chance(chain):
         top1 += ranked[0] == c["item_id"]
         top10 += c["item_id"] in ranked
     print(f"search over {N_TEST} test images: first {top1}/{len(caps)}, top 10 {top10}/{len(caps)}")
-    # chance: first 1/40 (2 of 80 queries expected), top 10 10/40. Most queries find their own
-    # image first. (400 train scenes and 600 steps: with 120 scenes the tiny model memorised
-    # them and reached ~15/80 at 300 steps, ~37/80 at 1200; the test captions were not ambiguous,
-    # 75 of 80 are true of their image only.)
-    assert top1 > len(caps) / 2
+    # chance: first 1/40 (2 of 80 queries expected), top 10 10/40. These seeds give 47/80 first,
+    # but the same settings with other seeds gave 20-41/80: the bound is 16 (8x chance), which
+    # every seed tried clears, not "most" (issue 9 keeps that open). (400 train scenes and 600
+    # steps: with 120 scenes the tiny model memorised them and reached ~15/80 at 300 steps; the
+    # test captions are not ambiguous, 75 of 80 are true of their image only.)
+    assert top1 >= 16
     assert top10 / len(caps) > 0.5                               # most queries find their image in the top 10
     metrics = json.loads((chain["wd"] / "eval" / "de-test-best.json").read_text())["metrics"]
     assert 100 * top1 / len(caps) == pytest.approx(metrics["t2v_r1"], abs=100 / len(caps))
