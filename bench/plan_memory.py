@@ -1,6 +1,7 @@
 """Driver memory and planning time at scale (issue 11): a describe dry run over manifests of
-100k, 1M and 10M items (half of them already described), each in a fresh child process whose
-peak RSS is the figure; and the planning time of 1M items against a plain pyarrow anti-join of
+100k, 1M and 10M items (half of them already described), and a translate dry run over 100k
+and 1M English captions (half already translated), each in a fresh child process whose peak
+RSS is the figure; and the planning time of 1M items against a plain pyarrow anti-join of
 the same two tables in the same process (the baseline a user would write: it plans one view,
 with no attempts, and holds both tables in memory).
 
@@ -66,6 +67,55 @@ def _table(columns: dict, schema, n: int):
     import pyarrow as pa
     return pa.Table.from_arrays([pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(n, f.type)
                                  for f in schema], schema=schema)
+
+
+def make_translate_workdir(folder: Path, captions: int, done_every: int = 2) -> Path:
+    """A workdir with `captions` English human captions (5 per item, many repeated texts as in
+    COCO) and a Portuguese translation of every `done_every`-th, written in chunks."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import schemas
+    (folder / "captions").mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    fingerprint = translate_fingerprint(folder)
+    words = ["dog", "cat", "man", "woman", "bus", "train", "bicycle", "horse", "kite", "pizza", "surfer", "clock"]
+    for start in range(0, captions, CHUNK):
+        n = min(captions, start + CHUNK) - start
+        ids = [f"coco2017:{i // 5:012d}:cap{i % 5}" for i in range(start, start + n)]
+        texts = [f"A {words[i % 12]} next to a {words[(i // 12) % 12]} on a street number {i % 7919}."
+                 for i in range(start, start + n)]
+        columns = {"caption_id": ids, "item_id": [i.rsplit(":", 1)[0] for i in ids], "split": ["train"] * n,
+                   "lang": ["en"] * n, "text": texts, "origin": ["human"] * n}
+        pq.write_table(_table(columns, schemas.CAPTIONS, n), folder / "captions" / f"human-en-{start:09d}.parquet")
+        done = ids[::done_every]
+        k = len(done)
+        columns = {"caption_id": [f"mt:{c}" for c in done], "item_id": [c.rsplit(":", 1)[0] for c in done],
+                   "split": ["train"] * k, "lang": ["pt"] * k, "text": ["Um cão ao lado de um gato."] * k,
+                   "origin": ["mt"] * k, "source_caption_id": done, "source_lang": ["en"] * k,
+                   "fingerprint": [fingerprint] * k, "created_at": pa.array([now] * k, pa.timestamp("us", tz="UTC")),
+                   "attempt": [1] * k}
+        pq.write_table(_table(columns, schemas.CAPTIONS, k), folder / "captions" / f"mt-pt-{start:09d}.parquet")
+    return folder
+
+
+def translate_args(workdir: Path) -> list[str]:
+    return ["translate", "--workdir", str(workdir), "--to", "pt", "--engine", "openai", "--model", MODEL,
+            "--base-url", "http://127.0.0.1:9/v1", "--no-progress"]
+
+
+def translate_fingerprint(workdir: Path) -> str:
+    """The fingerprint the stage gives target "pt" with translate_args (so half is done)."""
+    sys.path.insert(0, str(ROOT))
+    from pipelines import translate
+    from pipelines.engines.base import EngineConfig
+    from pipelines.mt_engines.base import MTSettings, pair_spec
+    cfg = translate.TranslateConfig(workdir=workdir, targets=("pt",), engine=EngineConfig(
+        engine="openai", model=MODEL, base_url="http://127.0.0.1:9/v1"))
+    specs = {"pt": pair_spec(cfg.engine, MTSettings(prompt=cfg.prompt), "en", "pt")}
+    return translate.fingerprints(cfg, translate.model_revision(cfg.engine), specs)["pt"]
 
 
 def describe_args(workdir: Path, base_url: str = "http://127.0.0.1:9/v1") -> list[str]:
@@ -138,9 +188,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000,10000000")
     parser.add_argument("--timing-size", type=int, default=1_000_000)
     parser.add_argument("--real", default="", help="item counts for real runs, e.g. 5000,20000")
+    parser.add_argument("--translate-sizes", default="100000,1000000", help="caption counts for translate dry runs")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
-    results: dict = {"dry_run": {}, "real_run": {}, "cpu_count": os.cpu_count()}
+    results: dict = {"dry_run": {}, "translate_dry_run": {}, "real_run": {}, "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="plan-bench-") as tmp:
         for size in [int(s) for s in args.sizes.split(",") if s]:
             workdir = make_workdir(Path(tmp) / f"w{size}", size)
@@ -150,6 +201,11 @@ def main() -> None:
             if size == args.timing_size:
                 results["planning"] = planning_times(workdir)
                 print(f"planning {size} items: {results['planning']}", flush=True)
+        for size in [int(s) for s in args.translate_sizes.split(",") if s]:
+            workdir = make_translate_workdir(Path(tmp) / f"t{size}", size)
+            results["translate_dry_run"][size] = peak_rss_of_cli([*translate_args(workdir), "--dry-run"])
+            print(f"translate dry run {size:>9} captions: peak {results['translate_dry_run'][size]['peak_mb']:.0f} MB, "
+                  f"{results['translate_dry_run'][size]['wall_s']:.1f} s", flush=True)
         if args.real:
             results["real_run"] = real_runs(Path(tmp), [int(s) for s in args.real.split(",")])
     OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +244,11 @@ def docs_lines(results: dict) -> list[str]:
     if 100_000 in sizes and 1_000_000 in sizes:
         lines.append(f"\n1M / 100k peak: **{dry[1_000_000]['peak_mb'] / dry[100_000]['peak_mb']:.2f}x** "
                      f"(target <= 1.2x).")
+    if results.get("translate_dry_run"):
+        lines += ["", "| English captions (half translated) | translate dry run: driver peak RSS | wall |",
+                  "|---|---|---|"]
+        for size, r in results["translate_dry_run"].items():
+            lines.append(f"| {int(size):,} | {r['peak_mb']:.0f} MB | {r['wall_s']:.1f} s |")
     if "planning" in results:
         p = results["planning"]
         lines.append(f"\nPlanning {p['items']:,} items: {p['plan_s']:.2f} s, a plain pyarrow anti-join of the same "

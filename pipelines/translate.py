@@ -18,6 +18,7 @@ an engine failure an error row, a suspicious translation a quality flag.
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -30,12 +31,14 @@ import pyarrow.parquet as pq
 
 import schemas
 from pipelines import ids, languages, store
+from pipelines import plan as plan_lib
 from pipelines.engines.base import EngineConfig, check_result_count, require, results_as_completed
 from pipelines.mt_engines import chat, quality
 from pipelines.mt_engines.base import MTSettings, TranslateRequest, make_translator, pair_spec
+from pipelines.plan import PlanShards
 from pipelines.progress import progress_bar
-from pipelines.runner import EngineStep, StreamReport, enforce_error_rate, stream, write_as_they_come
-from pipelines.shards import KeyedWriter, Written, written_keys
+from pipelines.runner import Batches, EngineStep, StreamReport, enforce_error_rate, stream, write_as_they_come
+from pipelines.shards import KeyedWriter
 
 # Columns a captions Parquet given with --captions must have; `split` and `origin` are used when present.
 SOURCE_COLUMNS = ("caption_id", "item_id", "lang", "text")
@@ -107,26 +110,58 @@ class TranslateReport(StreamReport):
 
 # --------------------------------------------------------------------------- sources
 
-def read_sources(cfg: TranslateConfig) -> tuple[list[dict], int]:
-    """Source captions in cfg.source_lang (caption_id, item_id, split, text), in caption_id order,
-    each caption_id once; and how many rows were skipped (a repeated caption_id, or none, or no
-    item_id: such a row has no key to be written under)."""
+SOURCES_CHUNK = 100_000   # text-file lines per Parquet chunk while reading a --captions text file
+
+
+def source_files(cfg: TranslateConfig, folder: Path) -> tuple[list[Path], str]:
+    """The Parquet files that hold the source captions, and the SQL condition on `origin` that
+    makes a row a source: WORKDIR/captions' human rows, a --captions Parquet file or folder
+    (anything but machine translations: no pivoting through MT output), or a --captions text
+    file, converted into `folder` a chunk at a time."""
     if cfg.captions is None:
-        rows = _workdir_captions(cfg.workdir)
-    elif cfg.captions.is_dir() or cfg.captions.suffix == ".parquet":
-        rows = _parquet_captions(cfg.captions)
-    elif cfg.captions.is_file():
-        rows = read_text_captions(cfg.captions, cfg.source_lang, text_dataset(cfg))
-    else:
-        raise store.StageInputError(f"--captions {cfg.captions} does not exist")
-    # machine translations are never re-translated silently (no pivoting through MT output)
-    rows = [r for r in rows if r.get("origin") != "mt" and _same_code(r.get("lang"), cfg.source_lang)
-            and (not cfg.splits or r.get("split") in cfg.splits)]
-    unique: dict[str, dict] = {}
-    for row in sorted((r for r in rows if r.get("caption_id") and r.get("item_id")), key=lambda r: r["caption_id"]):
-        unique.setdefault(row["caption_id"], row)
-    sources = [{k: row.get(k) for k in ("caption_id", "item_id", "split", "text")} for row in unique.values()]
-    return sources[: cfg.limit], len(rows) - len(unique)
+        try:
+            return plan_lib.validated(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS), "origin = 'human'"
+        except schemas.SchemaError as err:
+            raise store.StageInputError(str(err)) from None
+    if cfg.captions.is_dir() or cfg.captions.suffix == ".parquet":
+        return _parquet_sources(cfg.captions), "origin IS DISTINCT FROM 'mt'"
+    if cfg.captions.is_file():
+        return _text_sources(cfg, folder), "true"
+    raise store.StageInputError(f"--captions {cfg.captions} does not exist")
+
+
+def _parquet_sources(path: Path) -> list[Path]:
+    files = store.parquet_files(path) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise store.StageInputError(f"--captions {path}: no Parquet file there")
+    required = pa.schema([schemas.CAPTIONS.field(c) for c in SOURCE_COLUMNS], metadata=schemas.CAPTIONS.metadata)
+    for file in files:
+        try:
+            schemas.validate(pq.read_schema(file), required, where=str(file))
+        except (OSError, pa.ArrowException) as err:
+            raise store.StageInputError(f"{file} is not a readable Parquet file: {err}") from None
+        except schemas.SchemaError as err:
+            raise store.StageInputError(str(err)) from None
+    return files
+
+
+def _text_sources(cfg: TranslateConfig, folder: Path) -> list[Path]:
+    schema = pa.schema([schemas.CAPTIONS.field(c) for c in ("caption_id", "item_id", "split", "lang", "text",
+                                                             "origin")])
+    files, chunk = [], []
+    for row in text_caption_rows(cfg.captions, cfg.source_lang, text_dataset(cfg)):
+        chunk.append(row)
+        if len(chunk) == SOURCES_CHUNK:
+            files.append(_write_chunk(chunk, schema, folder / f"text-{len(files):05d}.parquet"))
+            chunk = []
+    if chunk or not files:
+        files.append(_write_chunk(chunk, schema, folder / f"text-{len(files):05d}.parquet"))
+    return files
+
+
+def _write_chunk(rows: list[dict], schema: pa.Schema, path: Path) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
 
 
 def _same_code(code: str | None, wanted: str) -> bool:
@@ -134,33 +169,6 @@ def _same_code(code: str | None, wanted: str) -> bool:
         return languages.normalize(code or "") == wanted
     except languages.UnknownLanguageError:
         return False
-
-
-def _workdir_captions(workdir: Path) -> list[dict]:
-    try:
-        table = store.read_folder(workdir / store.CAPTIONS_DIR, schemas.CAPTIONS)
-    except schemas.SchemaError as err:
-        raise store.StageInputError(str(err)) from None
-    return [r for r in table.to_pylist() if r["origin"] == "human"]
-
-
-def _parquet_captions(path: Path) -> list[dict]:
-    files = store.parquet_files(path) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
-        raise store.StageInputError(f"--captions {path}: no Parquet file there")
-    required = pa.schema([schemas.CAPTIONS.field(c) for c in SOURCE_COLUMNS], metadata=schemas.CAPTIONS.metadata)
-    rows = []
-    for file in files:
-        try:
-            file_schema = pq.read_schema(file)
-            schemas.validate(file_schema, required, where=str(file))
-        except (OSError, pa.ArrowException) as err:
-            raise store.StageInputError(f"{file} is not a readable Parquet file: {err}") from None
-        except schemas.SchemaError as err:
-            raise store.StageInputError(str(err)) from None
-        columns = [c for c in (*SOURCE_COLUMNS, "split", "origin") if c in file_schema.names]
-        rows.extend(pq.read_table(file, columns=columns).to_pylist())
-    return rows
 
 
 def text_dataset(cfg: TranslateConfig) -> str:
@@ -174,23 +182,22 @@ def text_item_id(dataset: str, line_no: int) -> str:
 
 
 def read_text_captions(path: Path, lang: str, dataset: str) -> list[dict]:
+    return list(text_caption_rows(path, lang, dataset))
+
+
+def text_caption_rows(path: Path, lang: str, dataset: str) -> Iterator[dict]:
     """One caption per line (Multi30K's train.en, test_2016_flickr.en, ...). Line n (from 1) is
     item `line:n` of the dataset. A line that is not valid UTF-8 is decoded with U+FFFD in place
     of the bad bytes (flagged `source_invalid_utf8` later); empty lines stay rows (they become
-    error rows) so that line numbers keep matching line-aligned references."""
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the final newline ends the last line; it does not start another
-    rows = []
-    for n, raw in enumerate(lines, 1):
-        text = raw.rstrip(b"\r").decode("utf-8", errors="replace")
-        if n == 1:
-            text = text.removeprefix("\ufeff")
-        item = text_item_id(dataset, n)
-        rows.append({"caption_id": ids.caption_id(item, lang, f"line:{n}"), "item_id": item, "split": None,
-                     "lang": lang, "text": text, "origin": "human"})
-    return rows
+    error rows) so that line numbers keep matching line-aligned references. Read line by line."""
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            text = raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8", errors="replace")
+            if n == 1:
+                text = text.removeprefix("\ufeff")
+            item = text_item_id(dataset, n)
+            yield {"caption_id": ids.caption_id(item, lang, f"line:{n}"), "item_id": item, "split": None,
+                   "lang": lang, "text": text, "origin": "human"}
 
 
 # --------------------------------------------------------------------------- fingerprints & provenance
@@ -229,14 +236,16 @@ def translate_stream(translator: Any, requests: list[dict], backtranslate: bool 
     request. With back-translation, each finished chunk goes back before it is handed on."""
     asked = [TranslateRequest(r["text"], r["source_lang"], r["target_lang"]) for r in requests]
     for chunk in results_as_completed(translator, asked, translator.translate):
-        rows = [_result_row(requests[i]["rid"], asked[i], result) for i, result in chunk]
+        rows = [_result_row(requests[i], asked[i], result) for i, result in chunk]
         if backtranslate:
             _add_backtranslations(translator, [asked[i] for i, _ in chunk], rows)
         yield rows
 
 
-def _result_row(rid: int, asked: TranslateRequest, result: Any) -> dict:
-    row = {"rid": rid, "text": None, "prompt_tokens": result.prompt_tokens,
+def _result_row(request: dict, asked: TranslateRequest, result: Any) -> dict:
+    # the request's target and entries (the captions it answers) travel with its answer
+    row = {"rid": request["rid"], "target_lang": asked.target_lang, "entries": request.get("entries") or [],
+           "text": None, "prompt_tokens": result.prompt_tokens,
            "output_tokens": result.output_tokens, "finish_reason": result.finish_reason,
            "latency_s": result.latency_s, "error_kind": result.error_kind, "error": result.error,
            "flags": [], "length_ratio": None, "backtranslation": None, "roundtrip_chrf": None}
@@ -265,71 +274,187 @@ def _add_backtranslations(translator: Any, asked: list[TranslateRequest], rows: 
 
 # --------------------------------------------------------------------------- planning
 
+ENTRY = pa.struct([("caption_id", pa.string()), ("item_id", pa.string()), ("split", pa.string()),
+                   ("source_flags", pa.list_(pa.string())), ("attempts", pa.int64())])
+_CLEANED = pa.schema([("target", pa.string()), ("clean", pa.string()), ("entry", ENTRY)])
+_IMMEDIATE = pa.schema([("target", pa.string()), ("entry", ENTRY), ("error_kind", pa.string()), ("error", pa.string())])
+
+
 @dataclass
 class Plan:
-    immediate: list[dict]                 # caption rows that need no engine (empty / overlong source)
-    requests: list[dict]                  # distinct engine requests, sorted by (target, length)
-    fanout: dict[int, list[dict]]         # request id -> the source captions it answers
+    """What a translate run still has to do, on disk (pipelines/plan.py): `requests` are the
+    distinct (target, cleaned text) engine requests, sorted by (target, length) within each
+    shard, each with the captions it answers (`entries`); `immediate` are captions that need no
+    engine (an empty or overlong source)."""
+    sources: int                          # source captions (after --limit)
+    skipped: int                          # source rows with a repeated or missing caption_id / item_id
+    requests: PlanShards
+    immediate: PlanShards
     rows_done: int
     rows_todo: int
-    written: Written                      # what the folder held: done keys, attempts so far
-    rows_retried: int = 0
+    rows_retried: int
+    rows_to_engine: int
+    folder: Path
 
-    @property
-    def rows_to_engine(self) -> int:
-        return sum(len(v) for v in self.fanout.values())
+    def source_ids(self) -> set[str]:
+        """The caption ids of the sources (for --score-against: test sets, small)."""
+        path = self.folder / "source-ids.parquet"
+        return set(pq.read_table(path).column("caption_id").to_pylist()) if path.exists() else set()
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def make_plan(cfg: TranslateConfig, sources: list[dict], prints: dict[str, str]) -> Plan:
-    written = written_keys(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS,
-                           ["source_caption_id", "lang", "fingerprint"], cfg.retry_errors)
-    cleaned = [(src, *quality.normalize_source(src["text"])) for src in sources]
-    plan = Plan([], [], {}, 0, 0, written)
-    for target in cfg.targets:
-        by_text: dict[str, int] = {}
-        for src, clean, flags in cleaned:
-            key = (src["caption_id"], target, prints[target])
-            if key in written.done:
-                plan.rows_done += 1
-                continue
-            plan.rows_todo += 1
-            plan.rows_retried += key in written.attempts
-            entry = {**src, "target": target, "source_flags": flags}
+def make_plan(cfg: TranslateConfig, prints: dict[str, str]) -> Plan:
+    """Plan out of core: the source captions (filtered, one row per caption_id, in caption_id
+    order, --limit), anti-joined per target language with the keys whose latest attempt is done,
+    cleaned a batch at a time, then grouped into distinct requests by hash partition."""
+    folder = plan_lib.new_folder()
+    con = plan_lib.connect(folder)
+    try:
+        plan = Plan(0, 0, PlanShards(), PlanShards(), 0, 0, 0, 0, folder)
+        plan.sources, plan.skipped = _select_sources(con, cfg, folder)
+        con.execute("CREATE TEMP TABLE targets (target VARCHAR, fingerprint VARCHAR)")
+        con.executemany("INSERT INTO targets VALUES (?, ?)", [(t, prints[t]) for t in cfg.targets])
+        partitions = max(1, -(-plan.sources * len(cfg.targets) // plan_lib.PARTITION_ITEMS))
+        cleaned = [path for part in range(partitions) if (path := _plan_keys(con, cfg, prints, part, partitions, plan))]
+        _group_requests(con, cfg, cleaned, partitions, plan)
+        return plan
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        con.close()
+
+
+def read_sources(cfg: TranslateConfig) -> tuple[list[dict], int]:
+    """The source captions a run would translate (caption_id, item_id, split, text; in
+    caption_id order) and the rows skipped, as a list: for inspection and small inputs."""
+    folder = plan_lib.new_folder()
+    con = plan_lib.connect(folder)
+    try:
+        _, skipped = _select_sources(con, cfg, folder)
+        return con.sql("SELECT * FROM sources ORDER BY caption_id").to_arrow_table().to_pylist(), skipped
+    finally:
+        con.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _select_sources(con, cfg: TranslateConfig, folder: Path) -> tuple[int, int]:
+    """The temp table `sources`: one row per caption_id of the source language (the first in
+    file order), in caption_id order, up to --limit. Returns (sources, rows skipped)."""
+    files, is_source = source_files(cfg, folder)
+    if not files:
+        con.execute("CREATE TEMP TABLE sources (caption_id VARCHAR, item_id VARCHAR, split VARCHAR, text VARCHAR)")
+        return 0, 0
+    names = set().union(*(pq.read_schema(f).names for f in files))
+    optional = ", ".join(f"{c}" if c in names else f"NULL::VARCHAR AS {c}" for c in ("split", "origin"))
+    con.execute(f"CREATE TEMP VIEW raw AS SELECT caption_id, item_id, lang, text, {optional}, filename, "
+                f"file_row_number FROM read_parquet({plan_lib.paths_sql(files)}, union_by_name = true, "
+                f"filename = true, file_row_number = true)")
+    langs = [lang for (lang,) in con.sql("SELECT DISTINCT lang FROM raw").fetchall()
+             if _same_code(lang, cfg.source_lang)]
+    where = [is_source, f"lang IN ({plan_lib.sql_list(langs)})" if langs else "false"]
+    if cfg.splits:
+        where.append(f"split IN ({plan_lib.sql_list(cfg.splits)})")
+    con.execute(f"CREATE TEMP VIEW wanted AS SELECT * FROM raw WHERE {' AND '.join(where)}")
+    limit = f"LIMIT {int(cfg.limit)}" if cfg.limit is not None else ""
+    # one row per caption_id, the first in file order; rows without a key cannot be written
+    con.execute(f"""CREATE TEMP TABLE sources AS
+        SELECT caption_id, item_id, split, text FROM wanted WHERE caption_id IS NOT NULL AND caption_id <> ''
+          AND item_id IS NOT NULL AND item_id <> ''
+        QUALIFY row_number() OVER (PARTITION BY caption_id ORDER BY filename, file_row_number) = 1
+        ORDER BY caption_id {limit}""")
+    wanted, unique = con.sql("SELECT (SELECT count(*) FROM wanted), (SELECT count(DISTINCT caption_id) FROM "
+                                 "wanted WHERE caption_id <> '' AND item_id IS NOT NULL AND item_id <> '')").fetchall()[0]
+    if cfg.score_against:
+        con.execute(f"COPY (SELECT caption_id FROM sources) TO '{folder / 'source-ids.parquet'}' (FORMAT parquet)")
+    return con.sql("SELECT count(*) FROM sources").fetchall()[0][0], wanted - unique
+
+
+def _plan_keys(con, cfg: TranslateConfig, prints: dict[str, str], part: int, partitions: int, plan: Plan) -> Path | None:
+    """One hash partition of the source captions: the (caption, target) keys still to do, each
+    cleaned (quality.normalize_source) in Python a batch at a time; empty or overlong sources
+    go to the immediate shards."""
+    in_part = f"hash(caption_id) % {partitions} = {part}"
+    done_files = plan_lib.validated(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS) \
+        if (cfg.workdir / store.CAPTIONS_DIR).is_dir() else []
+    latest = ("SELECT NULL::VARCHAR AS source_caption_id, NULL::VARCHAR AS lang, 0 AS attempts, "
+              "NULL::VARCHAR AS last_error WHERE false")
+    if done_files:
+        latest = plan_lib.latest_sql(done_files, "source_caption_id, lang",
+                                     f"origin = 'mt' AND hash(source_caption_id) % {partitions} = {part} AND "
+                                     f"(lang, fingerprint) IN (SELECT (target, fingerprint) FROM targets)")
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE keys AS
+        WITH s AS (SELECT * FROM sources WHERE {in_part}), l AS ({latest})
+        SELECT s.*, t.target, coalesce(l.attempts, 0) AS attempts,
+               l.source_caption_id IS NOT NULL AND NOT ({plan_lib.still_failed_sql("l.last_error", cfg.retry_errors)})
+                 AS done
+        FROM s CROSS JOIN targets t LEFT JOIN l ON l.source_caption_id = s.caption_id AND l.lang = t.target""")
+    done, todo, retried = con.sql("SELECT count_if(done), count_if(NOT done), count_if(NOT done AND attempts > 0) "
+                                      "FROM keys").fetchall()[0]
+    plan.rows_done, plan.rows_todo, plan.rows_retried = (plan.rows_done + (done or 0), plan.rows_todo + (todo or 0),
+                                                         plan.rows_retried + (retried or 0))
+    reader = con.sql("SELECT caption_id, item_id, split, text, target, attempts FROM keys WHERE NOT done "
+                         "ORDER BY target, caption_id").to_arrow_reader(8192)
+    cleaned, immediate = [], []
+    for batch in reader:
+        for row in batch.to_pylist():
+            clean, flags = quality.normalize_source(row["text"])
+            entry = {"caption_id": row["caption_id"], "item_id": row["item_id"], "split": row["split"],
+                     "source_flags": flags, "attempts": row["attempts"]}
             if not clean:
-                plan.immediate.append(_error_row(entry, "empty_source", "the source caption is empty or blank"))
+                immediate.append({"target": row["target"], "entry": entry, "error_kind": "empty_source",
+                                  "error": "the source caption is empty or blank"})
             elif len(clean) > cfg.max_source_chars:
-                plan.immediate.append(_error_row(entry, "source_too_long", f"the source caption has {len(clean)} "
-                                                 f"characters (more than --max-source-chars {cfg.max_source_chars})"))
+                immediate.append({"target": row["target"], "entry": entry, "error_kind": "source_too_long",
+                                  "error": f"the source caption has {len(clean)} characters (more than "
+                                           f"--max-source-chars {cfg.max_source_chars})"})
             else:
-                rid = by_text.get(clean)
-                if rid is None:
-                    rid = by_text[clean] = len(plan.requests)
-                    plan.requests.append({"rid": rid, "text": clean, "source_lang": cfg.source_lang,
-                                          "target_lang": target})
-                    plan.fanout[rid] = []
-                plan.fanout[rid].append(entry)
-    # similar lengths batch together: less padding (seq2seq), similar decode lengths (LLMs)
-    plan.requests.sort(key=lambda r: (r["target_lang"], len(r["text"])))
-    return plan
+                cleaned.append({"target": row["target"], "clean": clean, "entry": entry})
+    plan.rows_to_engine += len(cleaned)
+    if immediate:
+        path = plan.folder / f"immediate-{part:05d}.parquet"
+        _write_chunk(immediate, _IMMEDIATE, path)
+        plan.immediate.files.append(path)
+        plan.immediate.rows += len(immediate)
+    if not cleaned:
+        return None
+    return _write_chunk(cleaned, _CLEANED, plan.folder / f"cleaned-{part:05d}.parquet")
 
 
-def _error_row(entry: dict, kind: str, message: str) -> dict:
-    """A (caption, result) pair for a source the engine never sees."""
-    return {"entry": entry, "result": {"text": None, "error_kind": kind, "error": message, "flags": []}}
+def _group_requests(con, cfg: TranslateConfig, cleaned: list[Path], partitions: int, plan: Plan) -> None:
+    """Identical cleaned texts per target become one request (its entries: every caption it
+    answers); each hash partition of the texts is grouped on its own. Similar lengths batch
+    together: less padding (seq2seq), similar decode lengths (LLMs)."""
+    rid = 0
+    for part in range(partitions if cleaned else 0):
+        path = plan.folder / f"requests-{part:05d}.parquet"
+        con.execute(f"""COPY (
+            SELECT {rid} + row_number() OVER (ORDER BY target, length(clean), clean) - 1 AS rid, clean AS text,
+                   {plan_lib.sql_str(cfg.source_lang)} AS source_lang, target AS target_lang,
+                   list(entry ORDER BY entry.caption_id) AS entries
+            FROM read_parquet({plan_lib.paths_sql(cleaned)})
+            WHERE hash(target, clean) % {partitions} = {part}
+            GROUP BY target, clean ORDER BY target, length(clean), clean) TO '{path}' (FORMAT parquet)""")
+        rows = pq.ParquetFile(path).metadata.num_rows
+        if rows:
+            plan.requests.files.append(path)
+            plan.requests.rows += rows
+            rid += rows
 
 
 # --------------------------------------------------------------------------- output
 
 class TranslationWriter:
-    """Fans engine answers out to every caption with that text, adds provenance, counts, and
-    writes one file series per target language exactly once."""
+    """Fans engine answers out to every caption with that text (the request's `entries`, which
+    travel with it through the engine), adds provenance, counts, and writes one file series per
+    target language exactly once."""
 
     def __init__(self, cfg: TranslateConfig, revision: str, prints: dict[str, str], specs: dict[str, str],
-                 plan: Plan, report: TranslateReport):
+                 report: TranslateReport):
         self.cfg, self.revision, self.report = cfg, revision, report
-        self.written = plan.written
         self.prints, self.specs = prints, specs   # per target language: fingerprint, prompt column
-        self.fanout = plan.fanout                 # request id -> captions still waiting for it
         self.sampling = ids.canonical_json(sampling_spec(cfg.engine))
         self.out = {t: KeyedWriter(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS,
                                    key=lambda r: f"{r['source_caption_id']}/{r['lang']}/{r['fingerprint']}/{r['attempt']}",
@@ -340,20 +465,25 @@ class TranslationWriter:
     def add_results(self, results: Iterable[dict]) -> int:
         """Engine result rows -> caption rows for every caption they answer; returns how many."""
         added = 0
-        for result in results:
-            entries = self.fanout.pop(result["rid"], None)
-            if entries is None:
-                continue  # an answer delivered twice is written once
+        for result in results:   # the runner hands each request's answer on once (runner row_key)
             self.report.prompt_tokens += result.get("prompt_tokens") or 0
             self.report.output_tokens += result.get("output_tokens") or 0
-            self.add([{"entry": e, "result": result} for e in entries])
-            added += len(entries)
+            self.add([{"target": result["target_lang"], "entry": e, "result": result} for e in result["entries"]])
+            added += len(result["entries"])
         return added
+
+    def add_immediate(self, rows: Iterable[dict]) -> int:
+        """Plan rows that need no engine (an empty or overlong source): error rows."""
+        pairs = [{"target": r["target"], "entry": r["entry"],
+                  "result": {"text": None, "error_kind": r["error_kind"], "error": r["error"], "flags": []}}
+                 for r in rows]
+        self.add(pairs)
+        return len(pairs)
 
     def add(self, pairs: list[dict]) -> None:
         now = dt.datetime.now(dt.timezone.utc)
         for pair in pairs:
-            row = self._caption_row(pair["entry"], pair["result"], now)
+            row = self._caption_row(pair["target"], pair["entry"], pair["result"], now)
             if row["error_kind"]:
                 self.report.errors[row["error_kind"]] += 1
             self.report.flags.update(row["quality_flags"])
@@ -361,19 +491,19 @@ class TranslationWriter:
         self.rows_added += len(pairs)
         self.report.rows_written = self.rows_written
 
-    def _caption_row(self, entry: dict, result: dict, now: dt.datetime) -> dict:
-        target, fingerprint = entry["target"], self.prints[entry["target"]]
+    def _caption_row(self, target: str, entry: dict, result: dict, now: dt.datetime) -> dict:
+        fingerprint = self.prints[target]
         return {"caption_id": ids.caption_id(entry["item_id"], target, f"mt:{entry['caption_id']}:{fingerprint}"),
                 "item_id": entry["item_id"], "split": entry["split"], "lang": target, "text": result["text"],
                 "origin": "mt", "source_caption_id": entry["caption_id"], "source_lang": self.cfg.source_lang,
-                "quality_flags": entry["source_flags"] + list(result.get("flags") or []),
+                "quality_flags": list(entry["source_flags"] or []) + list(result.get("flags") or []),
                 "length_ratio": result.get("length_ratio"), "backtranslation": result.get("backtranslation"),
                 "roundtrip_chrf": result.get("roundtrip_chrf"),
                 "engine": self.cfg.engine.engine, "model": self.cfg.engine.model, "model_revision": self.revision,
                 "prompt": self.specs[target], "sampling": self.sampling, "fingerprint": fingerprint,
                 "prompt_tokens": result.get("prompt_tokens"), "output_tokens": result.get("output_tokens"),
                 "latency_s": result.get("latency_s"), "created_at": now,
-                "attempt": self.written.next_attempt((entry["caption_id"], target, fingerprint)),
+                "attempt": entry["attempts"] + 1,
                 "error_kind": result["error_kind"], "error": result["error"]}
 
     @property
@@ -407,12 +537,12 @@ def _remove_own_temp_files(folder: Path) -> None:
 
 # --------------------------------------------------------------------------- scoring
 
-def score(cfg: TranslateConfig, prints: dict[str, str], sources: list[dict]) -> dict[str, dict]:
-    """BLEU and chrF (sacrebleu) of this fingerprint's translations against human references;
-    each translation is scored against every reference of its item."""
+def score(cfg: TranslateConfig, prints: dict[str, str], wanted: set[str]) -> dict[str, dict]:
+    """BLEU and chrF (sacrebleu) of this fingerprint's translations of the `wanted` source
+    captions against human references; each translation is scored against every reference of
+    its item."""
     from sacrebleu.metrics import BLEU, CHRF
 
-    wanted = {s["caption_id"] for s in sources}
     table = store.read_folder(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS,
                               columns=["item_id", "lang", "text", "source_caption_id", "fingerprint", "origin"])
     out = {}
@@ -519,58 +649,67 @@ def run(cfg: TranslateConfig) -> TranslateReport:
         if cfg.overwrite and not cfg.dry_run:
             remove_outputs(folder, cfg.targets)
         _remove_own_temp_files(folder)
-        sources, report.skipped_sources = read_sources(cfg)
-        if not sources:
-            where = cfg.captions or folder
-            splits = f", split {' or '.join(cfg.splits)}" if cfg.splits else ""
-            raise store.StageInputError(f"no {cfg.source_lang} captions in {where} (origin human, lang "
-                                        f"{cfg.source_lang}{splits}); ingest first, or give --captions / --from")
-        report.source_captions = len(sources)
         revision = model_revision(cfg.engine)
         specs = {t: pair_spec(cfg.engine, settings, cfg.source_lang, t) for t in cfg.targets}
         report.fingerprints = fingerprints(cfg, revision, specs)
         try:
-            plan = make_plan(cfg, sources, report.fingerprints)
+            plan = make_plan(cfg, report.fingerprints)
         except schemas.SchemaError as err:  # a foreign file in WORKDIR/captions
             raise store.StageInputError(str(err)) from None
-        report.rows_done_before, report.rows_todo, report.rows_retried = plan.rows_done, plan.rows_todo, plan.rows_retried
-        report.rows_to_engine, report.engine_requests = plan.rows_to_engine, len(plan.requests)
-        if cfg.dry_run:
-            from pipelines import cost
-            report.cost = cost.estimate_translate(cfg, plan.requests, cfg.tokens_per_s).as_dict()
-            return report
-        writer = TranslationWriter(cfg, revision, report.fingerprints, specs, plan, report)
-        with progress_bar("translate", plan.rows_todo, cfg.progress) as advance:
-            try:
-                writer.add(plan.immediate)
-                advance(len(plan.immediate))
-                if plan.requests:
-                    _stream_rows(cfg, settings, plan.requests, writer, advance, report, started, len(plan.immediate))
-            finally:
-                writer.flush()  # whatever completed is kept, also on a fatal error
-        report.wall_s = time.perf_counter() - started
-        if cfg.score_against:
-            report.scores = score(cfg, report.fingerprints, sources)
+        try:
+            _run_plan(cfg, settings, plan, revision, specs, report, started)
+        finally:
+            plan.close()
     enforce_error_rate(report, cfg.max_error_rate)
     return report
 
 
+def _run_plan(cfg: TranslateConfig, settings: MTSettings, plan: Plan, revision: str, specs: dict[str, str],
+              report: TranslateReport, started: float) -> None:
+    if not plan.sources:
+        where = cfg.captions or cfg.workdir / store.CAPTIONS_DIR
+        splits = f", split {' or '.join(cfg.splits)}" if cfg.splits else ""
+        raise store.StageInputError(f"no {cfg.source_lang} captions in {where} (origin human, lang "
+                                    f"{cfg.source_lang}{splits}); ingest first, or give --captions / --from")
+    report.source_captions, report.skipped_sources = plan.sources, plan.skipped
+    report.rows_done_before, report.rows_todo, report.rows_retried = plan.rows_done, plan.rows_todo, plan.rows_retried
+    report.rows_to_engine, report.engine_requests = plan.rows_to_engine, plan.requests.rows
+    if cfg.dry_run:
+        from pipelines import cost
+        report.cost = cost.estimate_translate(cfg, plan.requests, cfg.tokens_per_s).as_dict()
+        return
+    writer = TranslationWriter(cfg, revision, report.fingerprints, specs, report)
+    with progress_bar("translate", plan.rows_todo, cfg.progress) as advance:
+        try:
+            immediate = sum(writer.add_immediate(batch) for batch in plan.immediate.batches(4096))
+            advance(immediate)
+            if plan.requests.rows:
+                _stream_rows(cfg, settings, plan.requests, writer, advance, report, started, immediate)
+        finally:
+            writer.flush()  # whatever completed is kept, also on a fatal error
+    report.wall_s = time.perf_counter() - started
+    if cfg.score_against:
+        report.scores = score(cfg, report.fingerprints, plan.source_ids())
+
+
 # --------------------------------------------------------------------------- engine plumbing
 
-_RESULT = pa.schema([("rid", pa.int64()), ("text", pa.string()), ("prompt_tokens", pa.int64()),
+_RESULT = pa.schema([("rid", pa.int64()), ("target_lang", pa.string()), ("entries", pa.list_(ENTRY)),
+                     ("text", pa.string()), ("prompt_tokens", pa.int64()),
                      ("output_tokens", pa.int64()), ("finish_reason", pa.string()), ("latency_s", pa.float64()),
                      ("error_kind", pa.string()), ("error", pa.string()), ("flags", pa.list_(pa.string())),
                      ("length_ratio", pa.float64()), ("backtranslation", pa.string()),
                      ("roundtrip_chrf", pa.float64())])
 
 
-def _stream_rows(cfg: TranslateConfig, settings: MTSettings, requests: list[dict], writer: TranslationWriter,
+def _stream_rows(cfg: TranslateConfig, settings: MTSettings, requests: PlanShards, writer: TranslationWriter,
                  advance: Callable[[int], None], report: TranslateReport, started: float, rows_before: int) -> None:
     step = EngineStep(make_engine=partial(make_translator, cfg.engine, settings),
                       stream_fn=partial(translate_stream, backtranslate=cfg.backtranslate),
                       out_schema=_RESULT, batch_size=cfg.batch_size, max_in_flight=cfg.max_in_flight,
                       num_cpus=cfg.engine_num_cpus, row_key=lambda r: r["rid"])
-    results = stream(requests, step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,
+    # read from the plan's shards as the engines take them: the driver never holds the plan
+    results = stream(Batches(requests.batches(cfg.batch_size), requests.rows), step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,
                      num_engines=cfg.num_engines, stall_timeout_s=cfg.stall_timeout_s)
     write_as_they_come(results, writer.add_results, advance, report, started, rows_before=rows_before)
 

@@ -234,18 +234,35 @@ def _source(n: int, text: str | None) -> dict:
     return {"caption_id": f"c{n:03d}", "item_id": f"i{n // 5}", "split": "train", "text": text}
 
 
+def _plan(cfg, sources: list[dict], prints: dict[str, str]):
+    """The stage's plan of these source captions, written as the workdir's human captions; and
+    its requests and immediate rows read back from the plan's shards (the plan is closed)."""
+    rows = [{**src, "lang": "en", "origin": "human"} for src in sources]
+    store.write_atomic(pa.Table.from_pylist(rows, schema=schemas.CAPTIONS), cfg.workdir / "captions" / "human-en.parquet")
+    plan = stage.make_plan(cfg, prints)
+    try:
+        return plan, _rows(plan.requests), _rows(plan.immediate)
+    finally:
+        plan.close()
+
+
+def _rows(shards) -> list[dict]:
+    return [row for batch in shards.batches(100) for row in batch]
+
+
 def test_plan_dedups_per_target_and_routes_bad_sources(tmp_path):
     texts = [SRC, "A dog  runs on the beach. ", SRC, "A cat.", "", "   ", "x" * 10_000, "A cat."]
     sources = [_source(i, t) for i, t in enumerate(texts)]
     cfg = _cfg(tmp_path)
     prints = stage.fingerprints(cfg, "rev", {"de": "p-de", "fr": "p-fr"})
-    plan = stage.make_plan(cfg, sources, prints)
-    assert plan.rows_todo == 16 and plan.rows_done == 0
-    assert [(r["target_lang"], r["text"]) for r in plan.requests] == [
+    plan, requests, immediate = _plan(cfg, sources, prints)
+    assert plan.rows_todo == 16 and plan.rows_done == 0 and plan.sources == 8
+    assert [(r["target_lang"], r["text"]) for r in requests] == [
         ("de", "A cat."), ("de", SRC), ("fr", "A cat."), ("fr", SRC)]   # sorted by (target, length)
-    assert plan.rows_to_engine == 10
-    assert sorted(len(v) for v in plan.fanout.values()) == [2, 2, 3, 3]
-    kinds = sorted(r["result"]["error_kind"] for r in plan.immediate)
+    assert plan.rows_to_engine == 10 and sorted(r["rid"] for r in requests) == [0, 1, 2, 3]
+    assert sorted(len(r["entries"]) for r in requests) == [2, 2, 3, 3]
+    assert [e["caption_id"] for e in requests[1]["entries"]] == ["c000", "c001", "c002"]
+    kinds = sorted(r["error_kind"] for r in immediate)
     assert kinds == ["empty_source"] * 4 + ["source_too_long"] * 2
 
 
@@ -256,9 +273,9 @@ def test_plan_skips_written_keys(tmp_path):
     done = [{"caption_id": f"mt{i}", "item_id": "i0", "lang": "de", "origin": "mt", "source_caption_id": f"c{i:03d}",
              "fingerprint": fp} for i, fp in [(0, "fp-de"), (1, "fp-de"), (2, "other-fingerprint")]]
     store.write_atomic(pa.Table.from_pylist(done, schema=schemas.CAPTIONS), tmp_path / "captions" / "mt-de-x.parquet")
-    plan = stage.make_plan(cfg, sources, prints)
+    plan, requests, _ = _plan(cfg, sources, prints)
     assert plan.rows_done == 2 and plan.rows_todo == 2
-    assert sorted(r["text"] for r in plan.requests) == ["caption 2", "caption 3"]
+    assert sorted(r["text"] for r in requests) == ["caption 2", "caption 3"]
 
 
 def test_fingerprint_changes_with_everything_that_shapes_the_text(tmp_path):
@@ -289,13 +306,13 @@ def test_writer_fans_out_and_writes_each_key_once(tmp_path):
     cfg = _cfg(tmp_path, targets=("de",), rows_per_file=3)
     sources = [_source(i, t) for i, t in enumerate([SRC, SRC, "A cat.", ""])]
     prints = {"de": "fp"}
-    plan = stage.make_plan(cfg, sources, prints)
+    _, requests, immediate = _plan(cfg, sources, prints)
+    (tmp_path / "captions" / "human-en.parquet").unlink()     # only the writer's files below
     report = stage.TranslateReport()
-    writer = stage.TranslationWriter(cfg, "rev", prints, {"de": "spec"}, plan, report)
-    writer.add(plan.immediate)
-    results = _translated(ScriptedFakeTranslator({SRC: "Ein Hund läuft am Strand."}), plan.requests)
-    assert writer.add_results(results) == 3
-    assert writer.add_results(results) == 0          # an answer delivered twice adds nothing
+    writer = stage.TranslationWriter(cfg, "rev", prints, {"de": "spec"}, report)
+    assert writer.add_immediate(immediate) == 1
+    results = _translated(ScriptedFakeTranslator({SRC: "Ein Hund läuft am Strand."}), requests)
+    assert writer.add_results(results) == 3          # each answer goes to every caption with its text
     writer.flush()
     rows = store.read_folder(tmp_path / "captions", schemas.CAPTIONS).to_pylist()
     assert len(rows) == 4 and len({r["caption_id"] for r in rows}) == 4
@@ -540,9 +557,13 @@ def test_invalid_utf8_in_an_ingest_sidecar_reaches_translate_flagged(tmp_path):
     cfg = _cfg(tmp_path / "w", targets=("de",))
     sources, _ = stage.read_sources(cfg)
     assert sorted(s["text"] for s in sources) == ["A caf\ufffd on a corner.", "A dog."]
-    plan = stage.make_plan(cfg, sources, {"de": "fp"})
-    flags = {e["text"]: e["source_flags"] for entries in plan.fanout.values() for e in entries}
-    assert flags == {"A caf\ufffd on a corner.": [quality.SOURCE_INVALID_UTF8], "A dog.": []}
+    plan = stage.make_plan(cfg, {"de": "fp"})
+    try:
+        flags = {r["text"]: e["source_flags"] for r in _rows(plan.requests) for e in r["entries"]}
+    finally:
+        plan.close()
+    # the engine sees the cleaned text (U+FFFD removed); the caption keeps the flag
+    assert flags == {"A caf on a corner.": [quality.SOURCE_INVALID_UTF8], "A dog.": []}
 
 
 def test_an_engine_that_drops_results_is_fatal_not_silent():
@@ -613,11 +634,11 @@ def test_scores_against_a_references_parquet_by_item(tmp_path):
     for this run's source captions and fingerprint."""
     cfg = _cfg(tmp_path, targets=("de",), score_against={"de": tmp_path / "refs.parquet"})
     sources = [_source(0, "A dog runs."), _source(5, "A cat sleeps."), _source(10, "A bird sings.")]
-    plan = stage.make_plan(cfg, sources, {"de": "fp"})
-    writer = stage.TranslationWriter(cfg, "rev", {"de": "fp"}, {"de": "spec"}, plan, stage.TranslateReport())
+    _, requests, _ = _plan(cfg, sources, {"de": "fp"})
+    writer = stage.TranslationWriter(cfg, "rev", {"de": "fp"}, {"de": "spec"}, stage.TranslateReport())
     answers = {"A dog runs.": "Ein Hund läuft.", "A cat sleeps.": "Eine Katze schläft.",
                "A bird sings.": TranslateResult.failed("timeout", "slow")}
-    writer.add_results(_translated(ScriptedFakeTranslator(answers), plan.requests))
+    writer.add_results(_translated(ScriptedFakeTranslator(answers), requests))
     writer.flush()
     refs = [{"caption_id": "r1", "item_id": "i0", "lang": "de", "text": "Ein Hund läuft.", "origin": "human"},
             {"caption_id": "r2", "item_id": "i1", "lang": "de", "text": "Eine Katze döst.", "origin": "human"},
@@ -625,7 +646,7 @@ def test_scores_against_a_references_parquet_by_item(tmp_path):
             {"caption_id": "r4", "item_id": "i2", "lang": "de", "text": "Ein Vogel singt.", "origin": "human"},
             {"caption_id": "r5", "item_id": "i0", "lang": "fr", "text": "Un chien court.", "origin": "human"}]
     _write_captions(tmp_path / "refs.parquet", refs)
-    scores = stage.score(cfg, {"de": "fp"}, sources)["de"]
+    scores = stage.score(cfg, {"de": "fp"}, {s["caption_id"] for s in sources})["de"]
     assert scores["segments"] == 3 and scores["untranslated"] == 1 and scores["max_refs_per_segment"] == 2
     assert 50 < scores["bleu"] < 100 and 50 < scores["chrf"] < 100   # two perfect, one missing
     assert "tok:13a" in scores["bleu_signature"]
