@@ -44,9 +44,3 @@ def is_transient(kind: str | None) -> bool:
         return int(kind[5:]) not in PERMANENT_HTTP_STATUS
     return kind not in PERMANENT_KINDS
 
-
-def counts_as_done(kind: str | None, retry_errors: bool) -> bool:
-    """Whether a key whose latest row has this error_kind is done for a rerun."""
-    if kind is None:
-        return True
-    return not retry_errors and not is_transient(kind)

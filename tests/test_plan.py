@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
+from pipelines import failures, store
 from pipelines import plan as planner
-from pipelines import store
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -88,3 +88,15 @@ def test_spread_takes_evenly_spaced_rows_across_shards(tmp_path, monkeypatch):
     finally:
         plan.close()
     assert not plan.folder.exists()
+
+
+def test_the_sql_of_the_planners_and_the_failure_table_agree():
+    """The planners match error kinds in SQL (failures.permanent_kinds); the summary and the
+    README use failures.is_transient: one table, two uses."""
+    kinds = ["timeout", "connection", "http_429", "http_500", "http_503", "http_401", "http_404", "http_400",
+             "http_413", "http_422", "bad_response", "load_failed", "something_new", "not_found", "too_large",
+             "invalid_request", "refused", "empty_source", "source_too_long", "unreadable_video"]
+    permanent = failures.permanent_kinds()
+    assert [k for k in kinds if failures.is_transient(k)] == [k for k in kinds if k not in permanent]
+    assert {"http_400", "not_found", "refused", "empty_source"} <= permanent
+    assert not failures.is_transient(None)
