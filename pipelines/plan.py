@@ -27,7 +27,7 @@ import schemas
 from pipelines import failures, store
 
 PARTITION_ITEMS = 100_000       # manifest rows planned at once: bounds the planner's memory
-DUCKDB_MEMORY = "256MB"         # DuckDB's own limit (it spills to the plan folder beyond it)
+DUCKDB_MEMORY = "64MB"          # DuckDB's own limit: it spills to the plan folder beyond it, so the driver stays flat
 SPREAD_SAMPLE = 2000
 
 
