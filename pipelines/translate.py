@@ -317,7 +317,9 @@ def make_plan(cfg: TranslateConfig, prints: dict[str, str]) -> Plan:
         con.execute("CREATE TEMP TABLE targets (target VARCHAR, fingerprint VARCHAR)")
         con.executemany("INSERT INTO targets VALUES (?, ?)", [(t, prints[t]) for t in cfg.targets])
         partitions = max(1, -(-plan.sources * len(cfg.targets) // plan_lib.PARTITION_ITEMS))
-        cleaned = [path for part in range(partitions) if (path := _plan_keys(con, cfg, prints, part, partitions, plan))]
+        done_files = plan_lib.validated(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS)
+        cleaned = [path for part in range(partitions)
+                   if (path := _plan_keys(con, cfg, done_files, part, partitions, plan))]
         _group_requests(con, cfg, cleaned, partitions, plan)
         return plan
     except BaseException:
@@ -372,13 +374,12 @@ def _select_sources(con, cfg: TranslateConfig, folder: Path) -> tuple[int, int]:
     return con.sql("SELECT count(*) FROM sources").fetchall()[0][0], wanted - unique
 
 
-def _plan_keys(con, cfg: TranslateConfig, prints: dict[str, str], part: int, partitions: int, plan: Plan) -> Path | None:
+def _plan_keys(con, cfg: TranslateConfig, done_files: list[Path], part: int, partitions: int,
+               plan: Plan) -> Path | None:
     """One hash partition of the source captions: the (caption, target) keys still to do, each
     cleaned (quality.normalize_source) in Python a batch at a time; empty or overlong sources
     go to the immediate shards."""
     in_part = f"hash(caption_id) % {partitions} = {part}"
-    done_files = plan_lib.validated(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS) \
-        if (cfg.workdir / store.CAPTIONS_DIR).is_dir() else []
     latest = ("SELECT NULL::VARCHAR AS source_caption_id, NULL::VARCHAR AS lang, 0 AS attempts, "
               "NULL::VARCHAR AS last_error WHERE false")
     if done_files:
