@@ -13,6 +13,8 @@ from __future__ import annotations
 
 # the row's own fault: a rerun keeps these rows; --retry-errors redoes them
 PERMANENT_KINDS = frozenset({
+    # ingest: the manifest row itself is bad (a rerun reads the same manifest; re-ingest to change it)
+    "bad_filename", "bad_annotation",
     # media (pipelines.media.MediaError kinds)
     "empty_file", "too_large", "unreadable_image", "decompression_bomb", "bad_aspect_ratio", "unreadable_video",
     "no_video_stream", "empty_video", "outside_root", "not_found", "unsupported_type",

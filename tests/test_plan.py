@@ -95,8 +95,8 @@ def test_the_sql_of_the_planners_and_the_failure_table_agree():
     README use failures.is_transient: one table, two uses."""
     kinds = ["timeout", "connection", "http_429", "http_500", "http_503", "http_401", "http_404", "http_400",
              "http_413", "http_422", "bad_response", "load_failed", "something_new", "not_found", "too_large",
-             "invalid_request", "refused", "empty_source", "source_too_long", "unreadable_video"]
+             "invalid_request", "refused", "empty_source", "source_too_long", "unreadable_video", "bad_filename"]
     permanent = failures.permanent_kinds()
     assert [k for k in kinds if failures.is_transient(k)] == [k for k in kinds if k not in permanent]
-    assert {"http_400", "not_found", "refused", "empty_source"} <= permanent
+    assert {"http_400", "not_found", "refused", "empty_source", "bad_filename", "bad_annotation"} <= permanent
     assert not failures.is_transient(None)
