@@ -301,9 +301,7 @@ def _stream_rows(cfg: DescribeConfig, todo: PlanShards, writer: DescriptionWrite
     # batch_size counts engine requests; an item becomes one request per view
     items_per_batch = max(1, cfg.batch_size // len(cfg.views))
     # read from the plan's shards as the engines take them: the driver never holds the plan
-    columns = ("item_id", "views", "attempts", "media_type", "root", "relpath")
-    rows = Batches(([{k: i[k] for k in columns} for i in batch] for batch in todo.batches(items_per_batch)),
-                   todo.rows)
+    rows = Batches(todo.batches(items_per_batch), todo.rows)
     step = EngineStep(make_engine=partial(make_describer, cfg.engine),
                       stream_fn=partial(describe_stream, views={v.name: v for v in cfg.views}),
                       out_schema=_ENGINE_OUT, batch_size=items_per_batch, outputs_per_input=len(cfg.views),

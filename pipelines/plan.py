@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,17 +43,29 @@ class PlanShards:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=size):
                 yield batch.to_pylist()
 
+    def add(self, path: Path) -> int:
+        """Keep a shard just written (an empty one is deleted); returns its rows."""
+        rows = pq.ParquetFile(path).metadata.num_rows
+        if rows:
+            self.files.append(path)
+            self.rows += rows
+        else:
+            path.unlink()
+        return rows
+
     def spread(self, k: int = SPREAD_SAMPLE) -> list[dict]:
-        """At most k rows, evenly spread over the plan (the dry run's cost sample)."""
+        """At most k rows, evenly spread over the plan (the dry run's cost sample); only the
+        shards that hold one are read."""
         if self.rows <= k:
             return [row for batch in self.batches(4096) for row in batch]
-        wanted = {int(i * self.rows / k) for i in range(k)}
+        wanted = sorted({int(i * self.rows / k) for i in range(k)})
         chosen, offset = [], 0
         for path in self.files:
-            table = pq.read_table(path)
-            local = sorted(i - offset for i in wanted if offset <= i < offset + table.num_rows)
-            chosen.extend(table.take(local).to_pylist())
-            offset += table.num_rows
+            rows = pq.ParquetFile(path).metadata.num_rows
+            local = [i - offset for i in wanted if offset <= i < offset + rows]
+            if local:
+                chosen.extend(pq.read_table(path).take(local).to_pylist())
+            offset += rows
         return chosen
 
 
@@ -71,20 +84,35 @@ class DescribePlan:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def connect(folder: Path):
-    """A DuckDB connection with a bounded memory that spills into `folder`."""
+@contextmanager
+def planning() -> Iterator[tuple[Any, Path]]:
+    """A DuckDB connection with a bounded memory, and a new temp folder that it spills into
+    and that holds the plan's shards: the folder is removed if planning fails (else the plan
+    owns it); the connection is closed either way."""
     import duckdb
+    folder = Path(tempfile.mkdtemp(prefix="leccr-plan-"))
     con = duckdb.connect()
-    con.execute(f"SET memory_limit='{DUCKDB_MEMORY}'; SET threads=1; SET temp_directory='{folder / 'spill'}'")
-    return con
+    try:
+        con.execute(f"SET memory_limit='{DUCKDB_MEMORY}'; SET threads=1; SET temp_directory='{folder / 'spill'}'")
+        yield con, folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        con.close()
 
 
-def latest_sql(files: list[Path], keys: str, where: str) -> str:
+def latest_sql(files: list[Path], keys: list[str], where: str) -> str:
     """Per key (the `keys` columns of the output files), the attempts so far and the
-    error_kind of the latest attempt: the rule of store.latest_attempts, in SQL."""
-    return (f"SELECT {keys}, max(coalesce(attempt, 1)) AS attempts, "
+    error_kind of the latest attempt: the rule of store.latest_attempts, in SQL. No files:
+    no rows."""
+    if not files:
+        columns = ", ".join(f"NULL::VARCHAR AS {k}" for k in keys)
+        return f"SELECT {columns}, 0 AS attempts, NULL::VARCHAR AS last_error WHERE false"
+    key_list = ", ".join(keys)
+    return (f"SELECT {key_list}, max(coalesce(attempt, 1)) AS attempts, "
             f"arg_max_null(error_kind, (coalesce(attempt, 1), created_at)) AS last_error "
-            f"FROM read_parquet({paths_sql(files)}, union_by_name = true) WHERE {where} GROUP BY {keys}")
+            f"FROM read_parquet({paths_sql(files)}, union_by_name = true) WHERE {where} GROUP BY {key_list}")
 
 
 def still_failed_sql(last_error: str, retry_errors: bool) -> str:
@@ -95,10 +123,6 @@ def still_failed_sql(last_error: str, retry_errors: bool) -> str:
     return f"{last_error} IS NOT NULL AND {last_error} NOT IN ({sql_list(failures.permanent_kinds())})"
 
 
-def new_folder() -> Path:
-    return Path(tempfile.mkdtemp(prefix="leccr-plan-"))
-
-
 def describe_plan(workdir: Path, views: dict[str, str], limit: int | None, retry_errors: bool) -> DescribePlan:
     """Plan a describe run: views maps each view name (in order) to its fingerprint."""
     manifest = validated(workdir / store.MANIFEST_DIR, schemas.MANIFEST)
@@ -106,9 +130,7 @@ def describe_plan(workdir: Path, views: dict[str, str], limit: int | None, retry
         raise store.StageInputError(f"{workdir} has no manifest: run `leccr-pipe describe --input FOLDER` "
                                     f"(or `leccr-pipe ingest`) first")
     done_files = validated(workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS)
-    folder = new_folder()
-    con = connect(folder)
-    try:
+    with planning() as (con, folder):
         con.execute("CREATE TEMP TABLE views (view VARCHAR, fingerprint VARCHAR, ord INTEGER)")
         con.executemany("INSERT INTO views VALUES (?, ?, ?)", [(v, fp, i) for i, (v, fp) in enumerate(views.items())])
         con.execute(f"CREATE TEMP VIEW manifest AS SELECT item_id, media_type, root, relpath, error_kind, error "
@@ -123,22 +145,15 @@ def describe_plan(workdir: Path, views: dict[str, str], limit: int | None, retry
         for part in range(partitions):
             _plan_partition(con, source, done_files, part, partitions, retry_errors, plan)
         return plan
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    finally:
-        con.close()
 
 
 def _plan_partition(con, source: str, done_files: list[Path], part: int, partitions: int, retry_errors: bool,
                     plan: DescribePlan) -> None:
     """One hash partition of the items: its keys with their state, then its plan shards."""
     in_part = f"hash(item_id) % {partitions} = {part}"
-    latest = ("SELECT NULL::VARCHAR AS item_id, NULL::VARCHAR AS view, 0 AS attempts, NULL::VARCHAR AS last_error "
-              "WHERE false")
-    if done_files:   # the latest attempt of each key decides
-        latest = latest_sql(done_files, "item_id, view",
-                            f"{in_part} AND (view, fingerprint) IN (SELECT (view, fingerprint) FROM views)")
+    # the latest attempt of each key decides
+    latest = latest_sql(done_files, ["item_id", "view"],
+                        f"{in_part} AND (view, fingerprint) IN (SELECT (view, fingerprint) FROM views)")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE keys AS
         WITH m AS (SELECT * FROM {source} WHERE {in_part}), l AS ({latest})
@@ -159,12 +174,7 @@ def _plan_partition(con, source: str, done_files: list[Path], part: int, partiti
                          string_agg(view, ',' ORDER BY ord) AS views, list(attempts ORDER BY ord) AS attempts
                   FROM keys WHERE NOT done AND {which} GROUP BY item_id ORDER BY item_id)
             TO '{path}' (FORMAT parquet)""")
-        rows = pq.ParquetFile(path).metadata.num_rows
-        if rows:
-            shards.files.append(path)
-            shards.rows += rows
-        else:
-            path.unlink()
+        shards.add(path)
 
 
 def validated(folder: Path, schema: pa.Schema) -> list[Path]:

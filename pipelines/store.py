@@ -77,8 +77,8 @@ def latest_attempts(table: pa.Table, keys: list[str]) -> pa.Table:
     ranked = ranked.sort_by([("attempt", "ascending"), ("created_at", "ascending"), ("position", "ascending")])
     ranked = ranked.append_column("rank", pa.array(range(ranked.num_rows)))
     last = ranked.group_by(keys).aggregate([("rank", "max")]).column("rank_max")
-    positions = pc.sort_indices(ranked.column("position").take(last))
-    return table.take(ranked.column("position").take(last).take(positions))
+    winners = ranked.column("position").take(last)
+    return table.take(winners.take(pc.sort_indices(winners)))   # in their original order
 
 
 def remove_temp_files(folder: Path) -> int:

@@ -309,9 +309,7 @@ def make_plan(cfg: TranslateConfig, prints: dict[str, str]) -> Plan:
     """Plan out of core: the source captions (filtered, one row per caption_id, in caption_id
     order, --limit), anti-joined per target language with the keys whose latest attempt is done,
     cleaned a batch at a time, then grouped into distinct requests by hash partition."""
-    folder = plan_lib.new_folder()
-    con = plan_lib.connect(folder)
-    try:
+    with plan_lib.planning() as (con, folder):
         plan = Plan(0, 0, PlanShards(), PlanShards(), 0, 0, 0, 0, folder)
         plan.sources, plan.skipped = _select_sources(con, cfg, folder)
         con.execute("CREATE TEMP TABLE targets (target VARCHAR, fingerprint VARCHAR)")
@@ -322,24 +320,17 @@ def make_plan(cfg: TranslateConfig, prints: dict[str, str]) -> Plan:
                    if (path := _plan_keys(con, cfg, done_files, part, partitions, plan))]
         _group_requests(con, cfg, cleaned, partitions, plan)
         return plan
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    finally:
-        con.close()
 
 
 def read_sources(cfg: TranslateConfig) -> tuple[list[dict], int]:
     """The source captions a run would translate (caption_id, item_id, split, text; in
     caption_id order) and the rows skipped, as a list: for inspection and small inputs."""
-    folder = plan_lib.new_folder()
-    con = plan_lib.connect(folder)
-    try:
-        _, skipped = _select_sources(con, cfg, folder)
-        return con.sql("SELECT * FROM sources ORDER BY caption_id").to_arrow_table().to_pylist(), skipped
-    finally:
-        con.close()
-        shutil.rmtree(folder, ignore_errors=True)
+    with plan_lib.planning() as (con, folder):
+        try:
+            _, skipped = _select_sources(con, cfg, folder)
+            return con.sql("SELECT * FROM sources ORDER BY caption_id").to_arrow_table().to_pylist(), skipped
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _select_sources(con, cfg: TranslateConfig, folder: Path) -> tuple[int, int]:
@@ -380,12 +371,9 @@ def _plan_keys(con, cfg: TranslateConfig, done_files: list[Path], part: int, par
     cleaned (quality.normalize_source) in Python a batch at a time; empty or overlong sources
     go to the immediate shards."""
     in_part = f"hash(caption_id) % {partitions} = {part}"
-    latest = ("SELECT NULL::VARCHAR AS source_caption_id, NULL::VARCHAR AS lang, 0 AS attempts, "
-              "NULL::VARCHAR AS last_error WHERE false")
-    if done_files:
-        latest = plan_lib.latest_sql(done_files, "source_caption_id, lang",
-                                     f"origin = 'mt' AND hash(source_caption_id) % {partitions} = {part} AND "
-                                     f"(lang, fingerprint) IN (SELECT (target, fingerprint) FROM targets)")
+    latest = plan_lib.latest_sql(done_files, ["source_caption_id", "lang"],
+                                 f"origin = 'mt' AND hash(source_caption_id) % {partitions} = {part} AND "
+                                 f"(lang, fingerprint) IN (SELECT (target, fingerprint) FROM targets)")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE keys AS
         WITH s AS (SELECT * FROM sources WHERE {in_part}), l AS ({latest})
         SELECT s.*, t.target, coalesce(l.attempts, 0) AS attempts,
@@ -415,10 +403,7 @@ def _plan_keys(con, cfg: TranslateConfig, done_files: list[Path], part: int, par
                 cleaned.append({"target": row["target"], "clean": clean, "entry": entry})
     plan.rows_to_engine += len(cleaned)
     if immediate:
-        path = plan.folder / f"immediate-{part:05d}.parquet"
-        _write_chunk(immediate, _IMMEDIATE, path)
-        plan.immediate.files.append(path)
-        plan.immediate.rows += len(immediate)
+        plan.immediate.add(_write_chunk(immediate, _IMMEDIATE, plan.folder / f"immediate-{part:05d}.parquet"))
     if not cleaned:
         return None
     return _write_chunk(cleaned, _CLEANED, plan.folder / f"cleaned-{part:05d}.parquet")
@@ -438,11 +423,7 @@ def _group_requests(con, cfg: TranslateConfig, cleaned: list[Path], partitions: 
             FROM read_parquet({plan_lib.paths_sql(cleaned)})
             WHERE hash(target, clean) % {partitions} = {part}
             GROUP BY target, clean ORDER BY target, length(clean), clean) TO '{path}' (FORMAT parquet)""")
-        rows = pq.ParquetFile(path).metadata.num_rows
-        if rows:
-            plan.requests.files.append(path)
-            plan.requests.rows += rows
-            rid += rows
+        rid += plan.requests.add(path)
 
 
 # --------------------------------------------------------------------------- output
