@@ -3,7 +3,7 @@
 The describe plan is an anti-join of the manifest x views against the keys already done in
 `descriptions/` (the latest attempt of each key counts; pipelines.failures says which failures
 are done), run by DuckDB over the Parquet files column-wise. The key space is cut into
-partitions by a hash of item_id, PARTITION_ITEMS manifest rows each, and each partition is
+partitions by a hash of item_id, about PARTITION_KEYS (item, view) keys each, and each partition is
 planned on its own, so the driver's memory does not grow with the dataset: the plan goes to
 Parquet shards in a temp folder, one per partition, and the stage reads them back a batch at a
 time (`PlanShards.batches`). Each plan row is an item with the views still to do and, per view,
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import schemas
 from pipelines import failures, store
 
-PARTITION_ITEMS = 100_000       # manifest rows planned at once: bounds the planner's memory
+PARTITION_KEYS = 100_000        # keys planned at once (describe: items x views): bounds the planner's memory
 DUCKDB_MEMORY = "64MB"          # DuckDB's own limit: it spills to the plan folder beyond it, so the driver stays flat
 SPREAD_SAMPLE = 2000
 
@@ -140,7 +140,8 @@ def describe_plan(workdir: Path, views: dict[str, str], limit: int | None, retry
         source = "limited" if limit is not None else "manifest"
         items_total = con.sql("SELECT count(*) FROM manifest").fetchall()[0][0]
         items = con.sql(f"SELECT count(*) FROM {source}").fetchall()[0][0]
-        partitions = max(1, math.ceil(items / PARTITION_ITEMS))
+        # sized by keys, not items: five views make five keys per item (and 5x the memory)
+        partitions = max(1, math.ceil(items * len(views) / PARTITION_KEYS))
         plan = DescribePlan(PlanShards(), PlanShards(), items_total, 0, 0, 0, 0, folder)
         for part in range(partitions):
             _plan_partition(con, source, done_files, part, partitions, retry_errors, plan)

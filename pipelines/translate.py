@@ -18,6 +18,7 @@ an engine failure an error row, a suspicious translation a quality flag.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import shutil
 import time
 from collections import Counter
@@ -314,7 +315,7 @@ def make_plan(cfg: TranslateConfig, prints: dict[str, str]) -> Plan:
         plan.sources, plan.skipped = _select_sources(con, cfg, folder)
         con.execute("CREATE TEMP TABLE targets (target VARCHAR, fingerprint VARCHAR)")
         con.executemany("INSERT INTO targets VALUES (?, ?)", [(t, prints[t]) for t in cfg.targets])
-        partitions = max(1, -(-plan.sources * len(cfg.targets) // plan_lib.PARTITION_ITEMS))
+        partitions = max(1, math.ceil(plan.sources * len(cfg.targets) / plan_lib.PARTITION_KEYS))
         done_files = plan_lib.validated(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS)
         cleaned = [path for part in range(partitions)
                    if (path := _plan_keys(con, cfg, done_files, part, partitions, plan))]

@@ -42,7 +42,7 @@ def test_many_partitions_plan_what_one_does(tmp_path, monkeypatch):
     _descriptions(tmp_path, "new", [{"item_id": f"id{i:04d}", "error_kind": "timeout", "attempt": 1, "created_at": T0}
                                     for i in range(1, 50, 3)])
     one = planner.describe_plan(tmp_path, {"a": "fa", "b": "fb"}, None, False)
-    monkeypatch.setattr(planner, "PARTITION_ITEMS", 7)
+    monkeypatch.setattr(planner, "PARTITION_KEYS", 14)    # 7 items x 2 views
     many = planner.describe_plan(tmp_path, {"a": "fa", "b": "fb"}, None, False)
     try:
         assert len(many.todo.files) > 1 and len(one.todo.files) == 1
@@ -78,7 +78,7 @@ def test_the_plan_and_the_readers_agree_on_the_latest_attempt(tmp_path):
 
 def test_spread_takes_evenly_spaced_rows_across_shards(tmp_path, monkeypatch):
     _manifest(tmp_path, 40)
-    monkeypatch.setattr(planner, "PARTITION_ITEMS", 9)
+    monkeypatch.setattr(planner, "PARTITION_KEYS", 9)
     plan = planner.describe_plan(tmp_path, {"a": "fa"}, None, False)
     try:
         every = [r["item_id"] for batch in plan.todo.batches(5) for r in batch]
@@ -100,3 +100,31 @@ def test_the_sql_of_the_planners_and_the_failure_table_agree():
     assert [k for k in kinds if failures.is_transient(k)] == [k for k in kinds if k not in permanent]
     assert {"http_400", "not_found", "refused", "empty_source", "bad_filename", "bad_annotation"} <= permanent
     assert not failures.is_transient(None)
+
+
+def _with_nulls(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_arrays([table.column(f.name).cast(f.type) if f.name in table.column_names
+                                 else pa.nulls(table.num_rows, f.type) for f in schema], schema=schema)
+
+
+def test_five_views_over_100k_items_plan_within_the_memory_cap(tmp_path):
+    """Partitions are sized by keys (items x views): sized by items, five views put 500k keys
+    in one partition and DuckDB ran out of its 64 MB cap (found by bench/plan_memory.py)."""
+    n, views = 100_000, {v: f"fp-{v}" for v in ("objects", "scene", "actions", "attributes", "detailed")}
+    ids = pa.array([f"coco2017:{i:012d}" for i in range(n)])
+    manifest = pa.table({"item_id": ids, "dataset": pa.array(["coco"] * n), "root": pa.array(["/data/coco"] * n),
+                         "relpath": pa.array([f"{i:012d}.jpg" for i in range(n)]),
+                         "media_type": pa.array(["image"] * n)})
+    store.write_atomic(_with_nulls(manifest, schemas.MANIFEST), tmp_path / "manifest" / "m.parquet")
+    done = ids.take(pa.array(range(0, n, 2)))                # half the items, every view described
+    rows = pa.table({"item_id": pa.concat_arrays([done] * len(views)),
+                     "view": pa.array([v for v in views for _ in range(len(done))]),
+                     "fingerprint": pa.array([fp for fp in views.values() for _ in range(len(done))]),
+                     "created_at": pa.array([T0] * (len(done) * len(views)), pa.timestamp("us", tz="UTC"))})
+    store.write_atomic(_with_nulls(rows, schemas.DESCRIPTIONS), tmp_path / "descriptions" / "part-x.parquet")
+    plan = planner.describe_plan(tmp_path, views, None, False)
+    try:
+        assert (plan.rows_done, plan.rows_todo, plan.todo.rows) == (n // 2 * 5, n // 2 * 5, n // 2)
+        assert len(plan.todo.files) == 5                      # 500k keys in partitions of 100k
+    finally:
+        plan.close()
