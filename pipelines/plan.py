@@ -71,14 +71,15 @@ class PlanShards:
 
 @dataclass
 class DescribePlan:
-    todo: PlanShards               # items to send to the engine: item_id, media_type, root, relpath, views, attempts
-    ingest_errors: PlanShards      # items that failed at ingest: error rows, no engine needed
-    items_total: int               # manifest rows
-    rows_done: int
-    rows_todo: int
-    rows_retried: int              # rows to do whose earlier attempt failed
-    engine_rows: int               # rows to do that go to the engine (not ingest errors)
     folder: Path                   # the temp folder holding the shards (removed by `close`)
+    items_total: int               # manifest rows
+    # items to send to the engine: item_id, media_type, root, relpath, error_kind, error, views, attempts
+    todo: PlanShards = field(default_factory=PlanShards)
+    ingest_errors: PlanShards = field(default_factory=PlanShards)   # failed at ingest: error rows, no engine
+    rows_done: int = 0
+    rows_todo: int = 0
+    rows_retried: int = 0          # rows to do whose earlier attempt failed
+    engine_rows: int = 0           # rows to do that go to the engine (not ingest errors)
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -142,7 +143,7 @@ def describe_plan(workdir: Path, views: dict[str, str], limit: int | None, retry
         items = con.sql(f"SELECT count(*) FROM {source}").fetchall()[0][0]
         # sized by keys, not items: five views make five keys per item (and 5x the memory)
         partitions = max(1, math.ceil(items * len(views) / PARTITION_KEYS))
-        plan = DescribePlan(PlanShards(), PlanShards(), items_total, 0, 0, 0, 0, folder)
+        plan = DescribePlan(folder, items_total)
         for part in range(partitions):
             _plan_partition(con, source, done_files, part, partitions, retry_errors, plan)
         return plan

@@ -287,15 +287,15 @@ class Plan:
     distinct (target, cleaned text) engine requests, sorted by (target, length) within each
     shard, each with the captions it answers (`entries`); `immediate` are captions that need no
     engine (an empty or overlong source)."""
-    sources: int                          # source captions (after --limit)
-    skipped: int                          # source rows with a repeated or missing caption_id / item_id
-    requests: PlanShards
-    immediate: PlanShards
-    rows_done: int
-    rows_todo: int
-    rows_retried: int
-    rows_to_engine: int
-    folder: Path
+    folder: Path                          # the temp folder holding the shards (removed by `close`)
+    sources: int = 0                      # source captions (after --limit)
+    skipped: int = 0                      # source rows with a repeated or missing caption_id / item_id
+    requests: PlanShards = field(default_factory=PlanShards)
+    immediate: PlanShards = field(default_factory=PlanShards)
+    rows_done: int = 0
+    rows_todo: int = 0
+    rows_retried: int = 0
+    rows_to_engine: int = 0
 
     def source_ids(self) -> set[str]:
         """The caption ids of the sources (for --score-against: test sets, small)."""
@@ -311,7 +311,7 @@ def make_plan(cfg: TranslateConfig, prints: dict[str, str]) -> Plan:
     order, --limit), anti-joined per target language with the keys whose latest attempt is done,
     cleaned a batch at a time, then grouped into distinct requests by hash partition."""
     with plan_lib.planning() as (con, folder):
-        plan = Plan(0, 0, PlanShards(), PlanShards(), 0, 0, 0, 0, folder)
+        plan = Plan(folder)
         plan.sources, plan.skipped = _select_sources(con, cfg, folder)
         con.execute("CREATE TEMP TABLE targets (target VARCHAR, fingerprint VARCHAR)")
         con.executemany("INSERT INTO targets VALUES (?, ?)", [(t, prints[t]) for t in cfg.targets])
