@@ -168,6 +168,44 @@ def vllm_openai_server(model_dir: str | os.PathLike, *, workdir: str | os.PathLi
             shutil.rmtree(folder, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- Ray nodes (`ray start`)
+
+RAY = str(Path(sys.executable).parent / "ray")     # the venv's ray: the cluster runs this Python
+
+
+def start_ray_node(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`ray start --block` on loopback in a session of its own (its raylet and workers are that
+    session's processes), logging to `log_path`; stop it with `stop_ray_node`."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                                 *args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+
+def stop_ray_node(node: subprocess.Popen) -> None:
+    """SIGKILL the node's process group, then any process of its session that left the group:
+    only what this node started (never `ray stop`: it ends every Ray on the machine)."""
+    for pid in [node.pid, *_session_members(node.pid)]:
+        try:
+            (os.killpg if pid == node.pid else os.kill)(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    node.wait(timeout=30)
+
+
+def _session_members(sid: int) -> list[int]:
+    """Processes of session `sid` (Linux /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    members.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return members
+
+
 # --------------------------------------------------------------------------- scripted fake endpoint
 
 @dataclass(frozen=True)

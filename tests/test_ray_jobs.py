@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,9 +26,8 @@ import schemas
 from pipelines import store
 from pipelines.ray_utils import env_for_workers
 from tests.conftest import ROOT
-from tests.servers import ScriptedFakeEndpoint, free_port, log_tail, stop_group
+from tests.servers import ScriptedFakeEndpoint, free_port, log_tail, start_ray_node, stop_ray_node
 
-RAY = str(Path(sys.executable).parent / "ray")     # the venv's ray: the cluster runs this Python
 HEAD_START_TIMEOUT_S = float(os.environ.get("LECCR_TEST_RAY_HEAD_TIMEOUT_S", "180"))
 
 
@@ -41,20 +39,6 @@ def _jobs_server_answers(dashboard_url: str) -> bool:
         return False
 
 
-def _session_members(sid: int) -> list[int]:
-    """Processes of session `sid` (Linux /proc): what is left of the cluster even when a
-    process moved to its own process group."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    members.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return members
-
-
 @contextmanager
 def ray_head_with_dashboard(folder: Path) -> Iterator[str]:
     """`ray start --head --block` with its dashboard, all on loopback, in a session of its own;
@@ -63,17 +47,14 @@ def ray_head_with_dashboard(folder: Path) -> Iterator[str]:
     # A short private temp folder (Ray's unix sockets live there) that no other cluster uses.
     ray_tmp = Path(tempfile.mkdtemp(prefix="rayj", dir="/tmp"))
     dashboard_port = free_port()
-    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
-           f"--temp-dir={ray_tmp}", "--disable-usage-stats",
-           # ports with fixed defaults, which another cluster on this machine may hold
-           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+    args = ["--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+            "--num-cpus=2", f"--temp-dir={ray_tmp}",
+            # ports with fixed defaults, which another cluster on this machine may hold
+            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     log_path = folder / "ray-head.log"
-    with open(log_path, "wb") as log:
-        head = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+    head = start_ray_node(args, env, log_path)
     url = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
@@ -86,13 +67,7 @@ def ray_head_with_dashboard(folder: Path) -> Iterator[str]:
             time.sleep(1)
         yield url
     finally:
-        stop_group(head)
-        # Anything of the session that left the group (or outlived SIGTERM) is killed by pid.
-        for pid in _session_members(head.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_ray_node(head)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -20,7 +20,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import CLI, ROOT
-from tests.servers import ScriptedFakeEndpoint, free_port, log_tail, sleep_then
+from tests.servers import ScriptedFakeEndpoint, free_port, log_tail, sleep_then, start_ray_node, stop_ray_node
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +45,6 @@ class Cluster:
     env: dict[str, str]
     head: subprocess.Popen
     workers: list[subprocess.Popen]
-
-
-def _start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    with open(log, "wb") as out:
-        return subprocess.Popen([ray_bin, "start", "--node-ip-address=127.0.0.1", "--block", "--disable-usage-stats",
-                                 *args], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
 
 
 def _alive_nodes(address: str) -> int:
@@ -73,7 +64,7 @@ def ray_cluster():
     address = f"127.0.0.1:{port}"
     nodes: list[subprocess.Popen] = []
     try:
-        nodes.append(_start_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"], env,
+        nodes.append(start_ray_node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"], env,
                                  tmp / "head.log"))
         deadline = time.monotonic() + 120
         while not _answers(port):
@@ -84,27 +75,19 @@ def ray_cluster():
         for i in range(2):
             for attempt in range(2):
                 log = tmp / f"worker{i}-{attempt}.log"
-                nodes.append(_start_node([f"--address={address}", "--num-cpus=3"], env, log))
+                nodes.append(start_ray_node([f"--address={address}", "--num-cpus=3"], env, log))
                 while _alive_nodes(address) < i + 2 and nodes[-1].poll() is None:
                     assert time.monotonic() < deadline + 120, f"worker {i} did not join: {log_tail(log)}"
                     time.sleep(0.5)
                 if nodes[-1].poll() is None:
                     break
-                _kill_group(nodes.pop())
+                stop_ray_node(nodes.pop())
                 assert attempt == 0, f"worker {i} did not start twice: {log_tail(log)}"
         yield Cluster(address, env, nodes[0], nodes[1:])
     finally:
         for node in reversed(nodes):     # only the process groups this fixture started
-            _kill_group(node)
+            stop_ray_node(node)
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _kill_group(node: subprocess.Popen) -> None:
-    try:
-        os.killpg(node.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    node.wait(timeout=30)
 
 
 def _answers(port: int) -> bool:
