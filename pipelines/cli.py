@@ -64,11 +64,12 @@ def _select_views(names: Optional[str], extra: list[str], views_file: Optional[P
 
 @app.command()
 def ingest(
-    input: Path = typer.Option(..., "--input", help="COCO-style folder or any folder of images/videos."),
-    workdir: Path = typer.Option(..., help="Working folder shared by all stages."),
+    input: str = typer.Option(..., "--input", help="COCO-style folder or any folder of images/videos "
+                                                   "(a local path or a URI: s3://bucket/prefix, gs://...)."),
+    workdir: str = typer.Option(..., help="Working folder shared by all stages (local or s3://)."),
     dataset: Optional[str] = typer.Option(None, help="Dataset name used in item ids (default: input folder name)."),
-    annotations: List[Path] = typer.Option([], help="COCO captions JSON (repeatable; default: input/annotations/captions*.json)."),
-    media_root: Optional[Path] = typer.Option(None, help="Folder the COCO file_names are relative to (default: input)."),
+    annotations: List[str] = typer.Option([], help="COCO captions JSON (repeatable; default: input/annotations/captions*.json)."),
+    media_root: Optional[str] = typer.Option(None, help="Folder the COCO file_names are relative to (default: input)."),
 ) -> None:
     """Write workdir/manifest and workdir/captions from a media folder."""
     from pipelines import ingest as stage
@@ -83,11 +84,13 @@ def ingest(
 
 @app.command()
 def describe(
-    workdir: Path = typer.Option(..., help="Working folder; descriptions go to WORKDIR/descriptions."),
-    input: Optional[Path] = typer.Option(None, "--input", help="Ingest this folder first (COCO-style or any media folder)."),
+    workdir: str = typer.Option(..., help="Working folder (local or s3://bucket/prefix); descriptions go to "
+                                          "WORKDIR/descriptions."),
+    input: Optional[str] = typer.Option(None, "--input", help="Ingest this folder first (COCO-style or any media "
+                                                              "folder; local or a URI: s3://, gs://, ...)."),
     dataset: Optional[str] = typer.Option(None, help="Dataset name used in item ids (default: input folder name)."),
-    annotations: List[Path] = typer.Option([], help="COCO captions JSON (repeatable)."),
-    media_root: Optional[Path] = typer.Option(None, help="Folder the COCO file_names are relative to."),
+    annotations: List[str] = typer.Option([], help="COCO captions JSON (repeatable)."),
+    media_root: Optional[str] = typer.Option(None, help="Folder the COCO file_names are relative to (local or a URI)."),
     engine: str = typer.Option("vllm", help="vllm | openai | transformers."),
     model: str = typer.Option(..., help="Model id or local folder (openai: the served model name)."),
     revision: Optional[str] = typer.Option(None, help="Model revision to pin (recorded in provenance)."),
@@ -144,6 +147,7 @@ def describe(
     from pipelines.engines.base import ENGINES, EngineConfig, SamplingConfig
     from pipelines.ingest import IngestConfig
     from pipelines.media import MediaConfig
+    from pipelines.storage import at
 
     if tokens_per_s is not None and tokens_per_s <= 0:
         _fail(EXIT_BAD_INPUT, "--tokens-per-s must be positive")
@@ -151,7 +155,7 @@ def describe(
         _fail(EXIT_BAD_INPUT, f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if video_input not in ("auto", "native", "frames"):
         _fail(EXIT_BAD_INPUT, "--video-input must be auto, native or frames")
-    if input is not None and not input.is_dir():
+    if input is not None and not at(input).is_dir():
         _fail(EXIT_BAD_INPUT, f"--input {input} is not a folder")
     try:
         chosen, file_sampling = _select_views(views, list(view), views_file)
@@ -217,11 +221,13 @@ def _run_stage(run, cfg, print_summary, report_json: Optional[Path]) -> None:
 
 @app.command()
 def translate(
-    workdir: Path = typer.Option(..., help="Working folder; translations go to WORKDIR/captions/mt-<lang>-*.parquet."),
+    workdir: str = typer.Option(..., help="Working folder (local or s3://bucket/prefix); translations go to "
+                                          "WORKDIR/captions/mt-<lang>-*.parquet."),
     to: str = typer.Option(..., "--to", help="Target languages, BCP-47 codes, comma-separated (e.g. de,fr,cs)."),
     source_lang: str = typer.Option("en", "--from", help="Language of the source captions."),
-    captions: Optional[Path] = typer.Option(None, help="Source captions: a captions Parquet file/folder or a text "
-                                                       "file, one caption per line (default: WORKDIR/captions)."),
+    captions: Optional[str] = typer.Option(None, help="Source captions: a captions Parquet file/folder or a text "
+                                                      "file, one caption per line, local or a URI (default: "
+                                                      "WORKDIR/captions)."),
     dataset: Optional[str] = typer.Option(None, help="Item-id namespace of a text --captions file (default: its stem)."),
     splits: Optional[str] = typer.Option(None, help="Only source captions of these splits, comma-separated "
                                                     "(e.g. train; default: all)."),
@@ -324,16 +330,16 @@ def translate(
     _run_translate(cfg, report_json)
 
 
-def _parse_score_against(values: list[str], targets: list[str]) -> dict[str, Path]:
-    """`de=refs.de` or, with a single target, `refs.de`."""
+def _parse_score_against(values: list[str], targets: list[str]) -> dict[str, str]:
+    """`de=refs.de` or, with a single target, `refs.de` (local paths or URIs)."""
     from pipelines import languages
-    refs: dict[str, Path] = {}
+    refs: dict[str, str] = {}
     for value in values:
         lang, sep, path = value.partition("=")
-        if sep:
-            refs[languages.normalize(lang)] = Path(path)
+        if sep and "://" not in lang:
+            refs[languages.normalize(lang)] = path
         elif len(targets) == 1:
-            refs[targets[0]] = Path(value)
+            refs[targets[0]] = value
         else:
             raise ValueError(f"--score-against {value!r}: with several --to languages, write LANG=REFS")
     return refs

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import shutil
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from pipelines.progress import progress_bar
 from pipelines.plan import DescribePlan, PlanShards, describe_plan
 from pipelines.runner import Batches, EngineStep, StreamReport, enforce_error_rate, stream, write_as_they_come
 from pipelines.shards import KeyedWriter
+from pipelines.storage import Where, at
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ DEFAULT_VIEWS = (
 
 @dataclass
 class DescribeConfig:
-    workdir: Path
+    workdir: Where                         # a local path or a URI (s3://...): pipelines/storage.py
     engine: EngineConfig
     views: tuple[View, ...] = DEFAULT_VIEWS
     media: MediaConfig = field(default_factory=MediaConfig)
@@ -77,6 +77,9 @@ class DescribeConfig:
     stall_timeout_s: float = 600.0         # stop (exit 1) when no row finishes for this long; 0: never
     rows_per_file: int = 2048
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.workdir = at(self.workdir)
 
 
 @dataclass
@@ -148,7 +151,7 @@ def load_batch(items: list[dict], media_cfg: MediaConfig) -> list[dict]:
                "media_type": item["media_type"],
                "pixels": None, "shape": None, "error_kind": None, "error": None}
         try:
-            loaded = load_media(Path(item["root"]), item["relpath"], media_cfg)
+            loaded = load_media(item["root"], item["relpath"], media_cfg)
             row["pixels"], row["shape"] = encode_pixels(loaded.pixels)
         except MediaError as err:
             row["error_kind"], row["error"] = err.kind, str(err)
@@ -245,8 +248,8 @@ def run(cfg: DescribeConfig) -> DescribeReport:
             from pipelines import ingest
             report.ingest = ingest.run(cfg.ingest)
         folder = cfg.workdir / store.DESCRIPTIONS_DIR
-        if cfg.overwrite and not cfg.dry_run and folder.exists():
-            shutil.rmtree(folder)
+        if cfg.overwrite and not cfg.dry_run:
+            folder.remove_tree()
         store.remove_temp_files(folder)
         revision = model_revision(cfg.engine)
         report.fingerprints = view_fingerprints(cfg, revision)

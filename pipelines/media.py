@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import os
+import posixpath
 import re
 import select
 import signal
@@ -26,11 +27,15 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from pipelines import storage
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mkv", ".avi"}
@@ -675,16 +680,51 @@ def load_video(
     return _shared_decoder_process().decode(path, cfg, timeout_s)
 
 
-def load_media(root: Path, relpath: str, cfg: MediaConfig) -> LoadedMedia:
-    """Confines `relpath` to `root`, then loads it as an image or a video by its extension."""
+def load_media(root: "str | Path", relpath: str, cfg: MediaConfig) -> LoadedMedia:
+    """Confines `relpath` to `root` (a local folder or a URI: s3://bucket/prefix, ...), then
+    loads it as an image or a video by its extension."""
     media_type = media_type_for(relpath)
     if media_type is None:
         known = sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS)
         raise MediaError("unsupported_type", f"{relpath!r}: extension not in {known}")
-    path = resolve_inside_root(Path(root), relpath)
-    if media_type == "image":
-        return load_image(path, cfg)
-    return load_video(path, cfg)
+    load = load_image if media_type == "image" else load_video
+    location = storage.at(root)
+    if not location.local:
+        with _fetched(location, relpath, cfg) as path:
+            return load(path, cfg)
+    return load(resolve_inside_root(Path(location.path), relpath), cfg)
+
+
+def object_inside_root(root: "storage.Loc", relpath: str) -> "storage.Loc":
+    """The object `relpath` under a root in object storage; refuses anything that leaves the
+    root (an absolute name, `..`; stores have no symlinks) before asking the store about it."""
+    if "\x00" in relpath:
+        raise MediaError("outside_root", f"path contains a NUL byte: {relpath!r}")
+    normal = posixpath.normpath(relpath)
+    if relpath.startswith("/") or normal == ".." or normal.startswith("../"):
+        raise MediaError("outside_root", f"{relpath!r} resolves outside the input root {root.uri!r}")
+    return root / normal
+
+
+@contextmanager
+def _fetched(root: "storage.Loc", relpath: str, cfg: MediaConfig) -> Iterator[Path]:
+    """The object copied into a temp folder under its own name (the decoders and their checks
+    read local files; messages name the file), size-checked before the download."""
+    import tempfile
+    from pyarrow.fs import FileType
+    obj = object_inside_root(root, relpath)
+    info = obj.fs.get_file_info(obj.path)
+    if info.type != FileType.File:
+        raise MediaError("not_found", f"{relpath!r} does not exist under {root.uri!r}"
+                         if info.type == FileType.NotFound else f"{relpath!r} is not a file")
+    if info.size == 0:
+        raise MediaError("empty_file", f"{obj.uri} is empty (0 bytes)")
+    if info.size > cfg.max_file_bytes:
+        raise MediaError("too_large", f"{obj.uri} is {info.size} bytes, above max_file_bytes={cfg.max_file_bytes}")
+    with tempfile.TemporaryDirectory(prefix="leccr-media-") as folder:
+        path = Path(folder) / obj.name
+        path.write_bytes(obj.read_bytes())
+        yield path
 
 
 # ----------------------------------------------------------------------------- transport

@@ -9,6 +9,10 @@ Parquet shards in a temp folder, one per partition, and the stage reads them bac
 time (`PlanShards.batches`). Each plan row is an item with the views still to do and, per view,
 the attempts already made (0: never), so that a retried row is written as the next attempt
 without the driver keeping a map of every key.
+
+A workdir in object storage is planned the same way: its files' key columns are first copied
+into the plan folder (`local_files`, a row group at a time), since DuckDB reads object stores
+only through an extension that would have to be downloaded.
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ import pyarrow.parquet as pq
 
 import schemas
 from pipelines import failures, store
+from pipelines.storage import Loc, Where, at
 
 PARTITION_KEYS = 100_000        # keys planned at once (describe: items x views): bounds the planner's memory
 DUCKDB_MEMORY = "64MB"          # DuckDB's own limit: it spills to the plan folder beyond it, so the driver stays flat
 SPREAD_SAMPLE = 2000
+# what latest_sql and the planners read of a stage's output files
+DONE_COLUMNS = ["item_id", "view", "source_caption_id", "lang", "origin", "fingerprint", "attempt", "created_at",
+                "error_kind"]
 
 
 @dataclass
@@ -124,14 +132,38 @@ def still_failed_sql(last_error: str, retry_errors: bool) -> str:
     return f"{last_error} IS NOT NULL AND {last_error} NOT IN ({sql_list(failures.permanent_kinds())})"
 
 
-def describe_plan(workdir: Path, views: dict[str, str], limit: int | None, retry_errors: bool) -> DescribePlan:
+def local_files(files: list[Where], columns: list[str], folder: Path, name: str) -> list[Path]:
+    """The files as local paths for DuckDB: local files as they are; files in object storage
+    copied into `folder` (as name-00000.parquet, ... in their order), only those of `columns`
+    that each has, a row group at a time, so memory stays that of one row group."""
+    local = []
+    for i, loc in enumerate(map(at, files)):
+        if loc.local:
+            local.append(Path(loc.path))
+            continue
+        copy = folder / f"{name}-{i:05d}.parquet"
+        with loc.open_input() as source:
+            reader = pq.ParquetFile(source)
+            present = [c for c in columns if c in reader.schema_arrow.names]
+            with pq.ParquetWriter(copy, pa.schema([reader.schema_arrow.field(c) for c in present])) as out:
+                for group in range(reader.num_row_groups):
+                    out.write_table(reader.read_row_group(group, columns=present))
+        local.append(copy)
+    return local
+
+
+def describe_plan(workdir: Where, views: dict[str, str], limit: int | None, retry_errors: bool) -> DescribePlan:
     """Plan a describe run: views maps each view name (in order) to its fingerprint."""
+    workdir = at(workdir)
     manifest = validated(workdir / store.MANIFEST_DIR, schemas.MANIFEST)
     if not manifest:
         raise store.StageInputError(f"{workdir} has no manifest: run `leccr-pipe describe --input FOLDER` "
                                     f"(or `leccr-pipe ingest`) first")
     done_files = validated(workdir / store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS)
     with planning() as (con, folder):
+        manifest = local_files(manifest, ["item_id", "media_type", "root", "relpath", "error_kind", "error"],
+                               folder, "manifest")
+        done_files = local_files(done_files, DONE_COLUMNS, folder, "done")
         con.execute("CREATE TEMP TABLE views (view VARCHAR, fingerprint VARCHAR, ord INTEGER)")
         con.executemany("INSERT INTO views VALUES (?, ?, ?)", [(v, fp, i) for i, (v, fp) in enumerate(views.items())])
         con.execute(f"CREATE TEMP VIEW manifest AS SELECT item_id, media_type, root, relpath, error_kind, error "
@@ -179,11 +211,11 @@ def _plan_partition(con, source: str, done_files: list[Path], part: int, partiti
         shards.add(path)
 
 
-def validated(folder: Path, schema: pa.Schema) -> list[Path]:
+def validated(folder: Where, schema: pa.Schema) -> list[Loc]:
     """The folder's Parquet files, each checked against the contract (footers only)."""
     files = store.parquet_files(folder)
     for path in files:
-        schemas.validate(pq.read_schema(path), schema, where=str(path))
+        schemas.validate(store.read_schema(path), schema, where=str(path))
     return files
 
 

@@ -7,18 +7,18 @@ each key counts once."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Iterable
 
 import pyarrow as pa
 
 from pipelines import ids, store
+from pipelines.storage import Where, at
 
 
 class KeyedWriter:
-    def __init__(self, folder: Path, schema: pa.Schema, key: Callable[[dict], str], rows_per_file: int,
+    def __init__(self, folder: Where, schema: pa.Schema, key: Callable[[dict], str], rows_per_file: int,
                  prefix: str = "part"):
-        self.folder, self.schema, self.key, self.rows_per_file, self.prefix = folder, schema, key, rows_per_file, prefix
+        self.folder, self.schema, self.key, self.rows_per_file, self.prefix = at(folder), schema, key, rows_per_file, prefix
         self.buffer: list[dict] = []
         self.rows_written = 0
 

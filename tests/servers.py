@@ -6,6 +6,8 @@
   thread). It answers each chat request from a script (500, 429, sleep, 400, malformed JSON,
   empty choices, ...) so the client's retry / backoff / timeout / error-row behaviour can be
   tested on demand, which a real server cannot be made to do. It generates no text.
+- `s3_emulator()`: moto's S3 server (`moto_server`), an EMULATOR of the S3 API (real object
+  storage cannot be reached from these machines); it honours conditional PUTs.
 """
 
 from __future__ import annotations
@@ -166,6 +168,54 @@ def vllm_openai_server(model_dir: str | os.PathLike, *, workdir: str | os.PathLi
             stop_group(server.process)
         if own_dir:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- S3 emulator (moto)
+
+@dataclass
+class S3Emulator:
+    process: subprocess.Popen
+    url: str
+
+    def env(self) -> dict[str, str]:
+        """What a client process needs to reach it: the endpoint and dummy credentials (moto
+        accepts any); the AWS SDKs and pyarrow read these."""
+        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client(self):
+        import boto3
+        env = self.env()
+        return boto3.client("s3", endpoint_url=self.url, region_name=env["AWS_DEFAULT_REGION"],
+                            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+
+    def upload(self, folder: Path, bucket: str, prefix: str) -> None:
+        client = self.client()
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+    def keys(self, bucket: str, prefix: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+@contextmanager
+def s3_emulator(log_path: Path, startup_timeout_s: float = 60.0) -> Iterator[S3Emulator]:
+    """moto's S3 server on a free loopback port (its own process group) until the block ends."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", HOST, "-p", str(port)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not _healthy(f"http://{HOST}:{port}/moto-api/"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ServerStartError(f"moto_server did not start; log:\n{log_tail(log_path)}")
+            time.sleep(0.2)
+        yield S3Emulator(proc, f"http://{HOST}:{port}")
+    finally:
+        stop_group(proc, term_wait_s=10)
 
 
 # --------------------------------------------------------------------------- Ray nodes (`ray start`)
