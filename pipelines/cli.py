@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -60,6 +61,16 @@ def _select_views(names: Optional[str], extra: list[str], views_file: Optional[P
     if bad:
         _fail(EXIT_BAD_INPUT, f"view names may not contain ',' or '/': {bad}")
     return tuple(chosen), sampling
+
+
+def _local_workdir(value: Path) -> Path:
+    """Commands past translate read and write local files (checkpoints, indexes, reports): a
+    URI is refused at once (typer would have made s3://b/x the local folder "s3:/b/x")."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(value)) and not str(value).startswith("file:"):
+        raise typer.BadParameter(f"{str(value).replace(':/', '://', 1)}: this command needs a local folder; only ingest, describe and "
+                                 f"translate work on object storage. Copy the workdir down first "
+                                 f"(e.g. `aws s3 sync s3://BUCKET/PREFIX ./workdir`)")
+    return value
 
 
 @app.command()
@@ -358,7 +369,7 @@ def _quiet_hf_loading() -> None:
 
 @app.command()
 def train(
-    workdir: Path = typer.Option(..., help="Working folder (manifest, captions, descriptions); checkpoints go to "
+    workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder (manifest, captions, descriptions); checkpoints go to "
                                            "WORKDIR/checkpoints/<run>, logs to WORKDIR/logs/train-<run>."),
     lang: str = typer.Option(..., help="Target language: MT captions for training, human ones for validation."),
     preset: Optional[str] = typer.Option(None, help="A benchmark's loss weights and epochs: multi30k-de|fr|cs, coco-ja|zh, "
@@ -468,7 +479,7 @@ def train(
 
 @app.command()
 def evaluate(
-    workdir: Path = typer.Option(..., help="Working folder; results go to WORKDIR/eval/."),
+    workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder; results go to WORKDIR/eval/."),
     lang: str = typer.Option(..., help="Language of the human query captions."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (default: WORKDIR/checkpoints/<lang>/best.pt, else last.pt)."),
     split: str = typer.Option("test"),
@@ -504,7 +515,7 @@ def evaluate(
 
 @app.command()
 def index(
-    workdir: Path = typer.Option(..., help="Working folder; the index goes to WORKDIR/index/<run>."),
+    workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder; the index goes to WORKDIR/index/<run>."),
     run: str = typer.Option(..., help="The train run to index: its --run-name (by default its language)."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (default: WORKDIR/checkpoints/<run>/best.pt, "
                                                          "else last.pt)."),
@@ -534,7 +545,7 @@ def index(
 
 @app.command()
 def search(
-    workdir: Path = typer.Option(..., help="Working folder holding WORKDIR/index/<run>."),
+    workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder holding WORKDIR/index/<run>."),
     run: str = typer.Option(..., help="The indexed run (as given to `leccr-pipe index --run`)."),
     query: Optional[str] = typer.Option(None, help="Text query in a language the checkpoint was trained for -> items."),
     image: Optional[Path] = typer.Option(None, help="Image query -> the nearest captions."),
@@ -565,7 +576,7 @@ def _write_report(path: Optional[Path], payload: dict) -> None:
 
 @app.command()
 def report(
-    workdir: Path = typer.Option(..., help="Working folder to report on."),
+    workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder to report on."),
     out: Optional[Path] = typer.Option(None, help="HTML file to write (default WORKDIR/report.html)."),
     gallery: int = typer.Option(24, help="Items in the gallery."),
     example_searches: int = typer.Option(3, help="Held-out queries to run on the index when no search was saved "
@@ -690,7 +701,7 @@ def import_benchmark(
     format: str = typer.Option(..., "--format", help="multi30k | flickr30k | stair | coco-cn | vatex | msrvtt "
                                                      "(layouts: pipelines/readers/, README)."),
     input: Path = typer.Option(..., "--input", help="Folder with the benchmark's annotation files (searched recursively)."),
-    workdir: Path = typer.Option(..., help="Working folder: captions/human-<lang>-<format>.parquet, manifest merged."),
+    workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder: captions/human-<lang>-<format>.parquet, manifest merged."),
     lang: List[str] = typer.Option([], "--lang", help="Languages to import, comma-separated or repeated "
                                                      "(default: all the format has)."),
     media_root: Optional[Path] = typer.Option(None, help="Images/videos folder, searched recursively (default: --input)."),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import time
@@ -258,3 +259,11 @@ def test_translate_with_sources_references_and_workdir_in_a_bucket(s3):
     assert again.returncode == 0, again.stderr[-3000:]
     rows_again = store.read_folder(f"{workdir}/captions", schemas.CAPTIONS, all_attempts=True).to_pylist()
     assert len([r for r in rows_again if r["origin"] == "mt"]) == len(lines)     # nothing written twice
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "report"])
+def test_commands_past_translate_refuse_a_bucket_workdir_at_once(command, tmp_path):
+    out = run_cli(command, "--workdir", f"s3://{BUCKET}/wd", *(["--lang", "de"] if command != "report" else []))
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out.stderr).split())   # typer's error box, unwrapped
+    assert out.returncode == 2 and "needs a local folder" in text and f"s3://{BUCKET}/wd" in text, text
+    assert not (ROOT / "s3:").exists()
