@@ -6,11 +6,16 @@ RSS is the figure; and the planning time of 1M items against a plain pyarrow ant
 the same two tables in the same process (the baseline a user would write: it plans one view,
 with no attempts, and holds both tables in memory).
 
+With --bucket-sizes, the same describe dry run with the workdir in an S3 bucket (moto's S3
+server on loopback, an emulator): the planner copies the key columns down a row group at a
+time, so the driver should stay as flat.
+
 With --real, also a real describe run (Ray executor, openai engine against the instantly
 answering endpoint of bench/ceiling.py on loopback) over smaller manifests, whose driver peak
 RSS should not grow with the item count.
 
-    python -m bench.plan_memory [--sizes 100000,1000000] [--real 2000,8000] [--no-docs]
+    python -m bench.plan_memory [--sizes 100000,1000000] [--bucket-sizes 100000,1000000] [--real 2000,8000]
+                                [--no-docs]
 """
 
 from __future__ import annotations
@@ -192,9 +197,11 @@ def main() -> None:
     parser.add_argument("--timing-size", type=int, default=1_000_000)
     parser.add_argument("--real", default="", help="item counts for real runs, e.g. 5000,20000")
     parser.add_argument("--translate-sizes", default="100000,1000000", help="caption counts for translate dry runs")
+    parser.add_argument("--bucket-sizes", default="", help="item counts for dry runs on a workdir in a bucket")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
-    results: dict = {"dry_run": {}, "translate_dry_run": {}, "real_run": {}, "cpu_count": os.cpu_count()}
+    results: dict = {"dry_run": {}, "translate_dry_run": {}, "bucket_dry_run": {}, "real_run": {},
+                     "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="plan-bench-") as tmp:
         for size in [int(s) for s in args.sizes.split(",") if s]:
             workdir = make_workdir(Path(tmp) / f"w{size}", size)
@@ -209,6 +216,8 @@ def main() -> None:
             results["translate_dry_run"][size] = peak_rss_of_cli([*translate_args(workdir), "--dry-run"])
             print(f"translate dry run {size:>9} captions: peak {results['translate_dry_run'][size]['peak_mb']:.0f} MB, "
                   f"{results['translate_dry_run'][size]['wall_s']:.1f} s", flush=True)
+        if args.bucket_sizes:
+            results["bucket_dry_run"] = bucket_dry_runs(Path(tmp), [int(s) for s in args.bucket_sizes.split(",")])
         if args.real:
             results["real_run"] = real_runs(Path(tmp), [int(s) for s in args.real.split(",")])
     OUT.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +247,31 @@ def real_runs(tmp: Path, sizes: list[int]) -> dict:
     return out
 
 
+def bucket_dry_runs(tmp: Path, sizes: list[int]) -> dict:
+    """Describe dry runs with the workdir in an S3 bucket (moto's S3 server: an emulator)."""
+    from pipelines import storage
+    from tests.servers import s3_emulator
+    out = {}
+    with s3_emulator(tmp / "moto.log") as s3:
+        saved = dict(os.environ)
+        os.environ.update(s3.env())     # the child processes reach the emulator through these
+        storage.reset_filesystems()
+        try:
+            s3.client().create_bucket(Bucket="bench")
+            for size in sizes:
+                local = make_workdir(tmp / f"b{size}", size)
+                s3.upload(local, "bench", f"w{size}")
+                args = describe_args(local)
+                args[args.index("--workdir") + 1] = f"s3://bench/w{size}"
+                out[size] = peak_rss_of_cli([*args, "--dry-run"])
+                print(f"bucket dry run {size:>9} items: peak {out[size]['peak_mb']:.0f} MB, "
+                      f"{out[size]['wall_s']:.1f} s (rc {out[size]['rc']})", flush=True)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    return out
+
+
 def _size_table(first_column: str, what: str, runs: dict) -> list[str]:
     lines = ["", f"| {first_column} | {what}: driver peak RSS | wall |", "|---|---|---|"]
     return lines + [f"| {int(size):,} | {r['peak_mb']:.0f} MB | {r['wall_s']:.1f} s |" for size, r in runs.items()]
@@ -255,6 +289,12 @@ def docs_lines(results: dict) -> list[str]:
         p = results["planning"]
         lines.append(f"\nPlanning {p['items']:,} items x 5 views: {p['plan_s']:.2f} s, a plain pyarrow anti-join of "
                      f"the same tables {p['pyarrow_anti_join_s']:.2f} s: ratio **{p['ratio']:.2f}**.")
+    bucket = {int(size): r for size, r in results.get("bucket_dry_run", {}).items()}
+    if bucket:
+        lines += _size_table("manifest items (half done), 5 views", "describe dry run, workdir in a bucket "
+                             "(moto S3 emulator)", bucket)
+        if 100_000 in bucket and 1_000_000 in bucket:
+            lines.append(f"\n1M / 100k peak, bucket: **{bucket[1_000_000]['peak_mb'] / bucket[100_000]['peak_mb']:.2f}x**.")
     if results.get("real_run"):
         lines += _size_table("manifest items (half done), 5 views", "real run (Ray, instant endpoint)",
                              results["real_run"])

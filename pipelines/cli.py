@@ -211,6 +211,7 @@ def _run_stage(run, cfg, print_summary, report_json: Optional[Path]) -> None:
     """Run a generating stage, print its summary (also when too many rows failed), and map
     failures to exit codes. The stage itself enforces max_error_rate (runner.ErrorRateExceeded)."""
     from pipelines.engines.base import FatalEngineError
+    from pipelines.lease import LeaseLostError
     from pipelines.runner import ErrorRateExceeded
     from pipelines.store import StageInputError
     failed = None
@@ -222,6 +223,8 @@ def _run_stage(run, cfg, print_summary, report_json: Optional[Path]) -> None:
         report, failed = err.report, err
     except FatalEngineError as err:
         _fail(EXIT_FATAL, f"fatal engine error: {err}")
+    except LeaseLostError as err:
+        _fail(EXIT_FATAL, str(err))
     print_summary(report)
     if report_json:
         report_json.parent.mkdir(parents=True, exist_ok=True)

@@ -111,17 +111,43 @@ def planning() -> Iterator[tuple[Any, Path]]:
         con.close()
 
 
-def latest_sql(files: list[Path], keys: list[str], where: str) -> str:
-    """Per key (the `keys` columns of the output files), the attempts so far and the
-    error_kind of the latest attempt: the rule of store.latest_attempts, in SQL. No files:
-    no rows."""
+def done_rows_sql(files: list[Path], keys: list[str], where: str) -> str:
+    """The rows of a stage's output files that `where` selects: their `keys` columns and what
+    decides a key's latest attempt (attempt, created_at, error_kind; files written before a
+    column existed read it as null). No files: no rows."""
+    optional = {"attempt": "INTEGER", "created_at": "TIMESTAMPTZ", "error_kind": "VARCHAR"}
     if not files:
-        columns = ", ".join(f"NULL::VARCHAR AS {k}" for k in keys)
-        return f"SELECT {columns}, 0 AS attempts, NULL::VARCHAR AS last_error WHERE false"
+        columns = [f"NULL::VARCHAR AS {k}" for k in keys] + [f"NULL::{t} AS {c}" for c, t in optional.items()]
+        return f"SELECT {', '.join(columns)} WHERE false"
+    names = set().union(*(pq.read_schema(f).names for f in files))
+    columns = keys + [c if c in names else f"NULL::{t} AS {c}" for c, t in optional.items()]
+    return f"SELECT {', '.join(columns)} FROM read_parquet({paths_sql(files)}, union_by_name = true) WHERE {where}"
+
+
+def latest_sql(done_rows: str, keys: list[str]) -> str:
+    """Per key of `done_rows` (a relation from done_rows_sql), the attempts so far and the
+    error_kind of the latest attempt: the rule of store.latest_attempts, in SQL."""
     key_list = ", ".join(keys)
     return (f"SELECT {key_list}, max(coalesce(attempt, 1)) AS attempts, "
             f"arg_max_null(error_kind, (coalesce(attempt, 1), created_at)) AS last_error "
-            f"FROM read_parquet({paths_sql(files)}, union_by_name = true) WHERE {where} GROUP BY {key_list}")
+            f"FROM {done_rows} GROUP BY {key_list}")
+
+
+def split_by_hash(con, query: str, key: str, partitions: int, folder: Path) -> list[str]:
+    """The rows of `query` split by hash(key) into `partitions` relations, in one pass (DuckDB
+    writes each partition's Parquet files): a partition is then read on its own, where
+    filtering a rescan of everything per partition made planning grow with the square of
+    the dataset."""
+    if partitions == 1:
+        return [f"({query})"]
+    con.execute(f"COPY (SELECT *, hash({key}) % {partitions} AS hash_part FROM ({query})) TO '{folder}' "
+                f"(FORMAT parquet, PARTITION_BY (hash_part))")
+    relations = []
+    for part in range(partitions):
+        files = sorted((folder / f"hash_part={part}").glob("*.parquet"))
+        relations.append(f"read_parquet({paths_sql(files)}, hive_partitioning = false)" if files
+                         else f"(SELECT * FROM ({query}) WHERE false)")
+    return relations
 
 
 def still_failed_sql(last_error: str, retry_errors: bool) -> str:
@@ -176,21 +202,24 @@ def describe_plan(workdir: Where, views: dict[str, str], limit: int | None, retr
         # sized by keys, not items: five views make five keys per item (and 5x the memory)
         partitions = max(1, math.ceil(items * len(views) / PARTITION_KEYS))
         plan = DescribePlan(folder, items_total)
+        items_in = split_by_hash(con, f"SELECT * FROM {source}", "item_id", partitions, folder / "items")
+        done_rows = done_rows_sql(done_files, ["item_id", "view"],
+                                  "(view, fingerprint) IN (SELECT (view, fingerprint) FROM views)")
+        done_in = split_by_hash(con, done_rows, "item_id", partitions, folder / "done-rows")
         for part in range(partitions):
-            _plan_partition(con, source, done_files, part, partitions, retry_errors, plan)
+            _plan_partition(con, items_in[part], done_in[part], part, retry_errors, plan)
+        for name in ("items", "done-rows"):   # read: only the shards stay
+            shutil.rmtree(folder / name, ignore_errors=True)
         return plan
 
 
-def _plan_partition(con, source: str, done_files: list[Path], part: int, partitions: int, retry_errors: bool,
-                    plan: DescribePlan) -> None:
-    """One hash partition of the items: its keys with their state, then its plan shards."""
-    in_part = f"hash(item_id) % {partitions} = {part}"
+def _plan_partition(con, items: str, done_rows: str, part: int, retry_errors: bool, plan: DescribePlan) -> None:
+    """One hash partition of the items (and of their done rows): its keys with their state,
+    then its plan shards."""
     # the latest attempt of each key decides
-    latest = latest_sql(done_files, ["item_id", "view"],
-                        f"{in_part} AND (view, fingerprint) IN (SELECT (view, fingerprint) FROM views)")
     con.execute(f"""
         CREATE OR REPLACE TEMP TABLE keys AS
-        WITH m AS (SELECT * FROM {source} WHERE {in_part}), l AS ({latest})
+        WITH m AS (SELECT * FROM {items}), l AS ({latest_sql(done_rows, ["item_id", "view"])})
         SELECT m.*, v.view, v.ord, coalesce(l.attempts, 0) AS attempts,
                l.item_id IS NOT NULL AND NOT ({still_failed_sql("l.last_error", retry_errors)}) AS done
         FROM m CROSS JOIN views v LEFT JOIN l ON l.item_id = m.item_id AND l.view = v.view""")

@@ -22,6 +22,7 @@ from pipelines.storage import Loc, Where, at
 MANIFEST_DIR = "manifest"
 CAPTIONS_DIR = "captions"
 DESCRIPTIONS_DIR = "descriptions"
+ROW_GROUP = 65_536
 
 
 class StageInputError(RuntimeError):
@@ -36,7 +37,8 @@ def write_atomic(table: pa.Table, path: Where) -> None:
     if not target.local:
         lease.check_writes(target)
     buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer, compression="zstd")
+    # row groups of ROW_GROUP rows: readers that stream a file (plan.local_files) hold one at a time
+    pq.write_table(table, buffer, compression="zstd", row_group_size=ROW_GROUP)
     target.write_bytes(buffer.getvalue().to_pybytes())
 
 

@@ -325,9 +325,16 @@ def make_plan(cfg: TranslateConfig, prints: dict[str, str]) -> Plan:
         partitions = max(1, math.ceil(plan.sources * len(cfg.targets) / plan_lib.PARTITION_KEYS))
         done_files = plan_lib.local_files(plan_lib.validated(cfg.workdir / store.CAPTIONS_DIR, schemas.CAPTIONS),
                                           plan_lib.DONE_COLUMNS, folder, "done")
+        sources_in = plan_lib.split_by_hash(con, "SELECT * FROM sources", "caption_id", partitions, folder / "sources")
+        done_rows = plan_lib.done_rows_sql(done_files, ["source_caption_id", "lang"],
+                                           "origin = 'mt' AND (lang, fingerprint) IN (SELECT (target, fingerprint) "
+                                           "FROM targets)")
+        done_in = plan_lib.split_by_hash(con, done_rows, "source_caption_id", partitions, folder / "done-rows")
         cleaned = [path for part in range(partitions)
-                   if (path := _plan_keys(con, cfg, done_files, part, partitions, plan))]
+                   if (path := _plan_keys(con, cfg, sources_in[part], done_in[part], part, plan))]
         _group_requests(con, cfg, cleaned, partitions, plan)
+        for name in ("sources", "done-rows", "cleaned-texts"):   # read: only the shards stay
+            shutil.rmtree(folder / name, ignore_errors=True)
         return plan
 
 
@@ -375,17 +382,13 @@ def _select_sources(con, cfg: TranslateConfig, folder: Path) -> tuple[int, int]:
     return con.sql("SELECT count(*) FROM sources").fetchall()[0][0], wanted - unique
 
 
-def _plan_keys(con, cfg: TranslateConfig, done_files: list[Path], part: int, partitions: int,
-               plan: Plan) -> Path | None:
-    """One hash partition of the source captions: the (caption, target) keys still to do, each
-    cleaned (quality.normalize_source) in Python a batch at a time; empty or overlong sources
-    go to the immediate shards."""
-    in_part = f"hash(caption_id) % {partitions} = {part}"
-    latest = plan_lib.latest_sql(done_files, ["source_caption_id", "lang"],
-                                 f"origin = 'mt' AND hash(source_caption_id) % {partitions} = {part} AND "
-                                 f"(lang, fingerprint) IN (SELECT (target, fingerprint) FROM targets)")
+def _plan_keys(con, cfg: TranslateConfig, sources: str, done_rows: str, part: int, plan: Plan) -> Path | None:
+    """One hash partition of the source captions (and of their done rows): the (caption,
+    target) keys still to do, each cleaned (quality.normalize_source) in Python a batch at a
+    time; empty or overlong sources go to the immediate shards."""
+    latest = plan_lib.latest_sql(done_rows, ["source_caption_id", "lang"])
     con.execute(f"""CREATE OR REPLACE TEMP TABLE keys AS
-        WITH s AS (SELECT * FROM sources WHERE {in_part}), l AS ({latest})
+        WITH s AS (SELECT * FROM {sources}), l AS ({latest})
         SELECT s.*, t.target, coalesce(l.attempts, 0) AS attempts,
                l.source_caption_id IS NOT NULL AND NOT ({plan_lib.still_failed_sql("l.last_error", cfg.retry_errors)})
                  AS done
@@ -423,17 +426,22 @@ def _group_requests(con, cfg: TranslateConfig, cleaned: list[Path], partitions: 
     """Identical cleaned texts per target become one request (its entries: every caption it
     answers); each hash partition of the texts is grouped on its own. Similar lengths batch
     together: less padding (seq2seq), similar decode lengths (LLMs)."""
+    if not cleaned:
+        return
+    texts_in = plan_lib.split_by_hash(con, f"SELECT * FROM read_parquet({plan_lib.paths_sql(cleaned)})",
+                                      "target, clean", partitions, plan.folder / "cleaned-texts")
     rid = 0
-    for part in range(partitions if cleaned else 0):
+    for part in range(partitions):
         path = plan.folder / f"requests-{part:05d}.parquet"
         con.execute(f"""COPY (
             SELECT {rid} + row_number() OVER (ORDER BY target, length(clean), clean) - 1 AS rid, clean AS text,
                    {plan_lib.sql_str(cfg.source_lang)} AS source_lang, target AS target_lang,
                    list(entry ORDER BY entry.caption_id) AS entries
-            FROM read_parquet({plan_lib.paths_sql(cleaned)})
-            WHERE hash(target, clean) % {partitions} = {part}
+            FROM {texts_in[part]}
             GROUP BY target, clean ORDER BY target, length(clean), clean) TO '{path}' (FORMAT parquet)""")
         rid += plan.requests.add(path)
+    for path in cleaned:   # grouped: only the request shards stay
+        path.unlink()
 
 
 # --------------------------------------------------------------------------- output
