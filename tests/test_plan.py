@@ -128,3 +128,14 @@ def test_five_views_over_100k_items_plan_within_the_memory_cap(tmp_path):
         assert len(plan.todo.files) == 5                      # 500k keys in partitions of 100k
     finally:
         plan.close()
+
+
+def test_a_workdir_whose_files_all_predate_the_attempt_column_plans(tmp_path):
+    _manifest(tmp_path, 6)
+    _descriptions(tmp_path, "old", [{"item_id": f"id{i:04d}", "error_kind": "timeout" if i == 1 else None,
+                                     "text": "t", "created_at": T0} for i in range(3)], drop_attempt=True)
+    plan = planner.describe_plan(tmp_path, {"a": "fa"}, None, False)
+    try:   # 0 and 2 done; 1 failed transiently (attempt null = 1): its next attempt is 2
+        assert _todo(plan) == {"id0001": [1], "id0003": [0], "id0004": [0], "id0005": [0]}
+    finally:
+        plan.close()
