@@ -43,6 +43,9 @@ def init_ray(address: str | None) -> Any:
 
 
 FORWARDED_ENV_PREFIXES = ("VLLM_", "HF_", "OMP_", "TRANSFORMERS_")
+# where the object store is (pipelines/storage.py); never its credentials, which a runtime env
+# would show in Ray's dashboard and logs: each node takes those from its own environment or role
+FORWARDED_ENV_NAMES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE")
 
 
 def env_for_workers(environ: Mapping[str, str]) -> dict[str, str]:
@@ -51,7 +54,8 @@ def env_for_workers(environ: Mapping[str, str]) -> dict[str, str]:
     worker, and ray.init refuses a runtime env that names any of them again: those are left out."""
     job_config = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")   # set by Ray's job supervisor
     job_env = (job_config.get("runtime_env") or {}).get("env_vars") or {}
-    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and k not in job_env}
+    return {k: v for k, v in environ.items()
+            if (k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV_NAMES) and k not in job_env}
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -267,3 +267,10 @@ def test_commands_past_translate_refuse_a_bucket_workdir_at_once(command, tmp_pa
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out.stderr).split())   # typer's error box, unwrapped
     assert out.returncode == 2 and "needs a local folder" in text and f"s3://{BUCKET}/wd" in text, text
     assert not (ROOT / "s3:").exists()
+
+
+def test_workers_get_where_the_store_is_but_never_its_credentials():
+    from pipelines.ray_utils import env_for_workers
+    environ = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+               "AWS_ACCESS_KEY_ID": "AKIA-SECRET", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "tok"}
+    assert env_for_workers(environ) == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
