@@ -109,10 +109,10 @@ def test_vllm_on_images_videos_and_every_bad_input(tmp_path, mixed_input, tiny_q
     assert mean("video") > mean("image")
 
     # a rerun with the same settings has nothing to do and touches no file
-    before = {p: p.stat().st_mtime_ns for p in store.parquet_files(workdir / "descriptions")}
+    before = {p: os.stat(p).st_mtime_ns for p in store.parquet_files(workdir / "descriptions")}
     again = run_cli(*_describe_args(workdir, tiny_qwen, "vllm", "--views", "objects,detailed"))
     assert again.returncode == 0, again.stderr[-2000:]
-    assert {p: p.stat().st_mtime_ns for p in store.parquet_files(workdir / "descriptions")} == before
+    assert {p: os.stat(p).st_mtime_ns for p in store.parquet_files(workdir / "descriptions")} == before
 
 
 def test_transformers_engine_and_changed_settings_never_reuse_text(tmp_path, sample_data, tiny_qwen):
