@@ -112,9 +112,14 @@ def load_recipe(path: Path, variables: dict[str, str] | None = None, workdir: Pa
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise RecipeError(f"recipe {path}: name must be letters, digits, '.', '_' or '-', got {name!r}")
     defined = {"name": name, **{k: str(v) for k, v in (data.get("vars") or {}).items()}, **(variables or {})}
-    target = workdir or (Path(_substitute(data["workdir"], defined, f"{path}: workdir")) if "workdir" in data else None)
-    if target is None:
+    raw = str(workdir) if workdir else (_substitute(data["workdir"], defined, f"{path}: workdir")
+                                        if "workdir" in data else None)
+    if raw is None:
         raise RecipeError(f"recipe {path} names no workdir: add workdir = \"...\" or pass --workdir")
+    if "://" in raw or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", raw):
+        raise RecipeError(f"recipe {path}: workdir {raw} must be a local folder (its train, evaluate, index and "
+                          f"report steps need one); a describe step can still read --input from a bucket")
+    target = Path(raw)
     defined["workdir"] = str(target)
     raw_steps = data.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:

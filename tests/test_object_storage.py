@@ -274,3 +274,12 @@ def test_workers_get_where_the_store_is_but_never_its_credentials():
     environ = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1",
                "AWS_ACCESS_KEY_ID": "AKIA-SECRET", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "tok"}
     assert env_for_workers(environ) == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
+
+
+def test_a_recipe_refuses_a_bucket_workdir(tmp_path):
+    from pipelines import recipes
+    path = tmp_path / "r.toml"
+    path.write_text('name = "r"\nworkdir = "s3://leccr/runs/r"\n[[steps]]\ncommand = "ingest"\ninput = "x"\n')
+    with pytest.raises(recipes.RecipeError, match="must be a local folder"):
+        recipes.load_recipe(path)
+    assert recipes.load_recipe(path, workdir=tmp_path / "w").workdir == tmp_path / "w"
