@@ -35,6 +35,7 @@ from pipelines.storage import Loc, Where, at
 PARTITION_KEYS = 100_000        # keys planned at once (describe: items x views): bounds the planner's memory
 DUCKDB_MEMORY = "64MB"          # DuckDB's own limit: it spills to the plan folder beyond it, so the driver stays flat
 SPREAD_SAMPLE = 2000
+MAX_OPEN_PARTITIONS = 32        # partitions DuckDB writes at once within DUCKDB_MEMORY (50 fit; 500 did not)
 # what latest_sql and the planners read of a stage's output files
 DONE_COLUMNS = ["item_id", "view", "source_caption_id", "lang", "origin", "fingerprint", "attempt", "created_at",
                 "error_kind"]
@@ -102,7 +103,9 @@ def planning() -> Iterator[tuple[Any, Path]]:
     folder = Path(tempfile.mkdtemp(prefix="leccr-plan-"))
     con = duckdb.connect()
     try:
-        con.execute(f"SET memory_limit='{DUCKDB_MEMORY}'; SET threads=1; SET temp_directory='{folder / 'spill'}'")
+        # no query relies on insertion order (each orders what it writes); keeping it costs memory
+        con.execute(f"SET memory_limit='{DUCKDB_MEMORY}'; SET threads=1; SET temp_directory='{folder / 'spill'}'; "
+                    f"SET preserve_insertion_order=false")
         yield con, folder
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -134,20 +137,38 @@ def latest_sql(done_rows: str, keys: list[str]) -> str:
 
 
 def split_by_hash(con, query: str, key: str, partitions: int, folder: Path) -> list[str]:
-    """The rows of `query` split by hash(key) into `partitions` relations, in one pass (DuckDB
-    writes each partition's Parquet files): a partition is then read on its own, where
-    filtering a rescan of everything per partition made planning grow with the square of
-    the dataset."""
+    """The rows of `query` split by hash(key) into `partitions` relations, written once as
+    Parquet files per partition: a partition is then read on its own, where filtering a rescan
+    of everything per partition made planning grow with the square of the dataset. DuckDB keeps
+    a writer open per partition, which its memory cap allows for about MAX_OPEN_PARTITIONS, so
+    more partitions are split in two passes (into groups of partitions, then each group)."""
     if partitions == 1:
         return [f"({query})"]
-    con.execute(f"COPY (SELECT *, hash({key}) % {partitions} AS hash_part FROM ({query})) TO '{folder}' "
-                f"(FORMAT parquet, PARTITION_BY (hash_part))")
+    folder.mkdir(parents=True, exist_ok=True)
+    hashed = f"SELECT *, hash({key}) % {partitions} AS hash_part FROM ({query})"
+    if partitions <= MAX_OPEN_PARTITIONS:
+        _copy_partitioned(con, hashed, "hash_part", folder / "all")
+    else:
+        width = math.ceil(partitions / MAX_OPEN_PARTITIONS)     # partitions per group
+        groups = folder / "groups"
+        _copy_partitioned(con, f"SELECT *, hash_part // {width} AS hash_group FROM ({hashed})", "hash_group", groups)
+        for group in sorted(groups.iterdir()):
+            files = sorted(group.glob("*.parquet"))
+            _copy_partitioned(con, f"SELECT * FROM read_parquet({paths_sql(files)}, hive_partitioning = false)",
+                              "hash_part", folder / group.name)
+            shutil.rmtree(group)
     relations = []
     for part in range(partitions):
-        files = sorted((folder / f"hash_part={part}").glob("*.parquet"))
+        files = sorted(folder.glob(f"*/hash_part={part}/*.parquet"))
+        # the partition column is in the folder names only (hive style): the files hold the query's columns
         relations.append(f"read_parquet({paths_sql(files)}, hive_partitioning = false)" if files
                          else f"(SELECT * FROM ({query}) WHERE false)")
     return relations
+
+
+def _copy_partitioned(con, query: str, column: str, folder: Path) -> None:
+    """Rows of `query` into folder/<column>=<value>/*.parquet, without `column` in the files."""
+    con.execute(f"COPY ({query}) TO '{folder}' (FORMAT parquet, PARTITION_BY ({column}))")
 
 
 def still_failed_sql(last_error: str, retry_errors: bool) -> str:

@@ -44,16 +44,20 @@ def test_many_partitions_plan_what_one_does(tmp_path, monkeypatch):
     one = planner.describe_plan(tmp_path, {"a": "fa", "b": "fb"}, None, False)
     monkeypatch.setattr(planner, "PARTITION_KEYS", 14)    # 7 items x 2 views
     many = planner.describe_plan(tmp_path, {"a": "fa", "b": "fb"}, None, False)
+    monkeypatch.setattr(planner, "MAX_OPEN_PARTITIONS", 3)  # the two-pass split (groups of partitions)
+    grouped = planner.describe_plan(tmp_path, {"a": "fa", "b": "fb"}, None, False)
     try:
-        assert len(many.todo.files) > 1 and len(one.todo.files) == 1
-        assert _todo(one) == _todo(many)
+        assert len(many.todo.files) > 3 and len(one.todo.files) == 1
+        assert _todo(one) == _todo(many) == _todo(grouped)
         assert (one.rows_done, one.rows_todo, one.rows_retried) == (many.rows_done, many.rows_todo, many.rows_retried)
+        assert [p.name for p in many.todo.files] == [p.name for p in grouped.todo.files]
         # view a: 17 done (old files count as attempt 1), 17 timeouts retried, 16 new; view b: all 50 new
         assert (one.rows_done, one.rows_todo, one.rows_retried) == (17, 83, 17)
         assert _todo(one)["id0001"] == [1, 0] and _todo(one)["id0002"] == [0, 0] and "id0000" in _todo(one)
     finally:
         one.close()
         many.close()
+        grouped.close()
 
 
 def test_the_plan_and_the_readers_agree_on_the_latest_attempt(tmp_path):
