@@ -35,7 +35,7 @@ from pipelines.storage import Loc, Where, at
 PARTITION_KEYS = 100_000        # keys planned at once (describe: items x views): bounds the planner's memory
 DUCKDB_MEMORY = "64MB"          # DuckDB's own limit: it spills to the plan folder beyond it, so the driver stays flat
 SPREAD_SAMPLE = 2000
-MAX_OPEN_PARTITIONS = 32        # partitions DuckDB writes at once within DUCKDB_MEMORY (50 fit; 500 did not)
+MAX_OPEN_PARTITIONS = 8         # partition files DuckDB writes at once within DUCKDB_MEMORY (with the flush below)
 # what latest_sql and the planners read of a stage's output files
 DONE_COLUMNS = ["item_id", "view", "source_caption_id", "lang", "origin", "fingerprint", "attempt", "created_at",
                 "error_kind"]
@@ -104,8 +104,9 @@ def planning() -> Iterator[tuple[Any, Path]]:
     con = duckdb.connect()
     try:
         # no query relies on insertion order (each orders what it writes); keeping it costs memory
+        # partitioned writes buffer up to the flush threshold (rows, all partitions together)
         con.execute(f"SET memory_limit='{DUCKDB_MEMORY}'; SET threads=1; SET temp_directory='{folder / 'spill'}'; "
-                    f"SET preserve_insertion_order=false")
+                    f"SET preserve_insertion_order=false; SET partitioned_write_flush_threshold=100000")
         yield con, folder
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -139,31 +140,38 @@ def latest_sql(done_rows: str, keys: list[str]) -> str:
 def split_by_hash(con, query: str, key: str, partitions: int, folder: Path) -> list[str]:
     """The rows of `query` split by hash(key) into `partitions` relations, written once as
     Parquet files per partition: a partition is then read on its own, where filtering a rescan
-    of everything per partition made planning grow with the square of the dataset. DuckDB keeps
-    a writer open per partition, which its memory cap allows for about MAX_OPEN_PARTITIONS, so
-    more partitions are split in two passes (into groups of partitions, then each group)."""
+    of everything per partition made planning grow with the square of the dataset."""
     if partitions == 1:
         return [f"({query})"]
-    folder.mkdir(parents=True, exist_ok=True)
-    hashed = f"SELECT *, hash({key}) % {partitions} AS hash_part FROM ({query})"
-    if partitions <= MAX_OPEN_PARTITIONS:
-        _copy_partitioned(con, hashed, "hash_part", folder / "all")
-    else:
-        width = math.ceil(partitions / MAX_OPEN_PARTITIONS)     # partitions per group
-        groups = folder / "groups"
-        _copy_partitioned(con, f"SELECT *, hash_part // {width} AS hash_group FROM ({hashed})", "hash_group", groups)
-        for group in sorted(groups.iterdir()):
-            files = sorted(group.glob("*.parquet"))
-            _copy_partitioned(con, f"SELECT * FROM read_parquet({paths_sql(files)}, hive_partitioning = false)",
-                              "hash_part", folder / group.name)
-            shutil.rmtree(group)
+    _split(con, f"SELECT *, hash({key}) % {partitions} AS hash_part FROM ({query})", 0, partitions, folder)
     relations = []
     for part in range(partitions):
-        files = sorted(folder.glob(f"*/hash_part={part}/*.parquet"))
+        files = sorted(folder.glob(f"**/hash_part={part}/*.parquet"))
         # the partition column is in the folder names only (hive style): the files hold the query's columns
         relations.append(f"read_parquet({paths_sql(files)}, hive_partitioning = false)" if files
                          else f"(SELECT * FROM ({query}) WHERE false)")
     return relations
+
+
+def _split(con, rows: str, low: int, high: int, folder: Path) -> None:
+    """Write `rows` (with their hash_part in [low, high)) into folder/**/hash_part=N/. DuckDB
+    keeps a writer open per output folder, and only about MAX_OPEN_PARTITIONS fit in its 64 MB
+    (at 10M items, 16 and 32 did not, at random): more partitions are split into that many
+    groups first, each group then on its own (log_MAX_OPEN_PARTITIONS passes in all)."""
+    folder.mkdir(parents=True)
+    if high - low <= MAX_OPEN_PARTITIONS:
+        _copy_partitioned(con, rows, "hash_part", folder / "parts")
+        return
+    width = math.ceil((high - low) / MAX_OPEN_PARTITIONS)
+    groups = folder / "groups"
+    _copy_partitioned(con, f"SELECT *, (hash_part - {low}) // {width} AS hash_group FROM ({rows})", "hash_group", groups)
+    for group in sorted(groups.iterdir()):
+        number = int(group.name.split("=")[1])
+        files = sorted(group.glob("*.parquet"))
+        _split(con, f"SELECT * FROM read_parquet({paths_sql(files)}, hive_partitioning = false)",
+               low + number * width, min(high, low + (number + 1) * width), folder / f"g{number}")
+        shutil.rmtree(group)
+    groups.rmdir()
 
 
 def _copy_partitioned(con, query: str, column: str, folder: Path) -> None:

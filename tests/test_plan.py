@@ -44,7 +44,7 @@ def test_many_partitions_plan_what_one_does(tmp_path, monkeypatch):
     one = planner.describe_plan(tmp_path, {"a": "fa", "b": "fb"}, None, False)
     monkeypatch.setattr(planner, "PARTITION_KEYS", 14)    # 7 items x 2 views
     many = planner.describe_plan(tmp_path, {"a": "fa", "b": "fb"}, None, False)
-    monkeypatch.setattr(planner, "MAX_OPEN_PARTITIONS", 3)  # the two-pass split (groups of partitions)
+    monkeypatch.setattr(planner, "MAX_OPEN_PARTITIONS", 2)  # the split in passes (groups of groups)
     grouped = planner.describe_plan(tmp_path, {"a": "fa", "b": "fb"}, None, False)
     try:
         assert len(many.todo.files) > 3 and len(one.todo.files) == 1
