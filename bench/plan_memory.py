@@ -7,7 +7,7 @@ the same two tables in the same process (the baseline a user would write: it pla
 with no attempts, and holds both tables in memory).
 
 With --bucket-sizes, the same describe dry run with the workdir in an S3 bucket (moto's S3
-server on loopback, an emulator): the planner copies the key columns down a row group at a
+server on loopback, an emulator): the planner copies the key columns down 64k rows at a
 time, so the driver should stay as flat.
 
 With --real, also a real describe run (Ray executor, openai engine against the instantly

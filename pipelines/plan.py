@@ -11,7 +11,7 @@ the attempts already made (0: never), so that a retried row is written as the ne
 without the driver keeping a map of every key.
 
 A workdir in object storage is planned the same way: its files' key columns are first copied
-into the plan folder (`local_files`, a row group at a time), since DuckDB reads object stores
+into the plan folder (`local_files`, 64k rows at a time), since DuckDB reads object stores
 only through an extension that would have to be downloaded.
 """
 
@@ -35,6 +35,7 @@ from pipelines.storage import Loc, Where, at
 PARTITION_KEYS = 100_000        # keys planned at once (describe: items x views): bounds the planner's memory
 DUCKDB_MEMORY = "64MB"          # DuckDB's own limit: it spills to the plan folder beyond it, so the driver stays flat
 SPREAD_SAMPLE = 2000
+COPY_BATCH = 65_536             # rows at a time when a bucket's key columns are copied down
 MAX_OPEN_PARTITIONS = 8         # partition files DuckDB writes at once within DUCKDB_MEMORY (with the flush below)
 # what latest_sql and the planners read of a stage's output files
 DONE_COLUMNS = ["item_id", "view", "source_caption_id", "lang", "origin", "fingerprint", "attempt", "created_at",
@@ -190,7 +191,7 @@ def still_failed_sql(last_error: str, retry_errors: bool) -> str:
 def local_files(files: list[Where], columns: list[str], folder: Path, name: str) -> list[Path]:
     """The files as local paths for DuckDB: local files as they are; files in object storage
     copied into `folder` (as name-00000.parquet, ... in their order), only those of `columns`
-    that each has, a row group at a time, so memory stays that of one row group."""
+    that each has, COPY_BATCH rows at a time."""
     local = []
     for i, loc in enumerate(map(at, files)):
         if loc.local:
@@ -198,11 +199,12 @@ def local_files(files: list[Where], columns: list[str], folder: Path, name: str)
             continue
         copy = folder / f"{name}-{i:05d}.parquet"
         with loc.open_input() as source:
-            reader = pq.ParquetFile(source)
+            # buffered reads: a row group written by another tool may hold a million rows
+            reader = pq.ParquetFile(source, buffer_size=1 << 20)
             present = [c for c in columns if c in reader.schema_arrow.names]
             with pq.ParquetWriter(copy, pa.schema([reader.schema_arrow.field(c) for c in present])) as out:
-                for group in range(reader.num_row_groups):
-                    out.write_table(reader.read_row_group(group, columns=present))
+                for batch in reader.iter_batches(batch_size=COPY_BATCH, columns=present):
+                    out.write_batch(batch)
         local.append(copy)
     return local
 
