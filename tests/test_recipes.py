@@ -27,7 +27,7 @@ from pipelines import recipes
 from tests.conftest import ROOT, run_cli
 
 N_TRAIN, N_VAL, N_TEST = 400, 20, 40
-STEPS = 600
+STEPS = 800
 
 RECIPE = """
 name = "synthetic-de"
@@ -94,7 +94,10 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
     wd = root / "wd"
     make_synthetic_workdir(wd, N_TRAIN, N_VAL, N_TEST)
-    build_tiny_encoders(root / "enc", workdir_texts(wd))
+    # 8 px patches: an 8x8 grid over the 64 px input (the real model has 12x12). With 16 px patches
+    # (4x4) a drawn shape covers a sliver of one patch and the tiny tower from scratch often did
+    # not fit even its training scenes in 600 steps (bench/recipe_search_quality.py).
+    build_tiny_encoders(root / "enc", workdir_texts(wd), patch_size=8)
     qwen = build_tiny_qwen2_vl(root / "qwen")
     path = root / "synthetic-de.toml"
     path.write_text(RECIPE.format(encoders=root / "enc", qwen=qwen, steps=STEPS), encoding="utf-8")
@@ -144,13 +147,14 @@ def test_search_finds_the_right_image_far_above_chance(chain):
         top1 += ranked[0] == c["item_id"]
         top10 += c["item_id"] in ranked
     print(f"search over {N_TEST} test images: first {top1}/{len(caps)}, top 10 {top10}/{len(caps)}")
-    # chance: first 1/40 (2 of 80 queries expected), top 10 10/40. These seeds give 47/80 first,
-    # but the same settings with other seeds gave 20-41/80: the bound is 16 (8x chance), which
-    # every seed tried clears, not "most" (issue 9 keeps that open). (400 train scenes and 600
-    # steps: with 120 scenes the tiny model memorised them and reached ~15/80 at 300 steps; the
-    # test captions are not ambiguous, 75 of 80 are true of their image only.)
-    assert top1 >= 16
-    assert top10 / len(caps) > 0.5                               # most queries find their image in the top 10
+    # chance: first 1/40 (2 of 80 queries expected), top 10 10/40. Measured over five data/encoder/
+    # training seeds (bench/recipe_search_quality.py; seed 0 is this test): first 45, 33, 35, 33, 32
+    # of 80, top 10 74-80. "Most queries first" (41/80) does not hold for every seed yet: the tiny
+    # encoders train from scratch and fit only 45-71 of 80 *training* captions at 800 steps. The
+    # bound is 24 (12x chance), 8 below the lowest seed. (Before: 16 px patches, 600 steps:
+    # 47, 22, 33, 20, 16.)
+    assert top1 >= 24
+    assert top10 >= 64                                           # 80% of queries find their image in the top 10
     metrics = json.loads((chain["wd"] / "eval" / "de-test-best.json").read_text())["metrics"]
     assert 100 * top1 / len(caps) == pytest.approx(metrics["t2v_r1"], abs=100 / len(caps))
     assert 100 * top10 / len(caps) == pytest.approx(metrics["t2v_r10"], abs=100 / len(caps))
