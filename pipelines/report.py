@@ -77,9 +77,10 @@ def _latest_per_view(descriptions: list[dict]) -> dict[str, dict[str, dict]]:
 
 # --------------------------------------------------------------------------- pieces of the page
 
-def thumbnail(root: Path, relpath: str) -> str | None:
+def thumbnail(root: str, relpath: str) -> str | None:
     """A data: URI JPEG thumbnail of an image or of a video's middle frame; None if unreadable
-    (the media loader's own checks: confinement to the item's root, bombs, corrupt files)."""
+    (the media loader's own checks: confinement to the item's root, bombs, corrupt files).
+    The root is a local path or a URI (media that describe read from object storage)."""
     from PIL import Image
 
     from pipelines.media import MediaConfig, MediaError, load_media
@@ -236,7 +237,7 @@ def gallery_section(manifest, captions, descriptions, limit: int) -> tuple[str, 
     chosen = sorted(good, key=lambda r: (order.get(r["split"] or "", 2), r["item_id"]))[:limit]
     cards, shown = [], 0
     for r in chosen:
-        uri = thumbnail(Path(r["root"]), r["relpath"])
+        uri = thumbnail(r["root"], r["relpath"])
         shown += uri is not None
         img = (f'<img class="thumb" src="{uri}" alt="{esc(r["relpath"])}">' if uri
                else '<div class="thumb missing">no preview</div>')

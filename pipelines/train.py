@@ -304,7 +304,22 @@ def usable_items(manifest: list[dict], descriptions: list[dict], views: tuple[st
             counts["items_missing_a_view"] += 1
         items[r["item_id"]] = (ItemRecord(r["item_id"], media, r["root"], r["relpath"] or "", per_view, feats),
                                r["split"])
+    _check_media_are_local(items)
     return items, media, prints
+
+
+def _check_media_are_local(items: dict) -> None:
+    """Training reads every image again each epoch, from local files: media that describe read
+    from object storage (roots as URIs in the manifest) are refused up front, with the way out."""
+    from pipelines.storage import is_remote
+    remote = sorted({rec.root for rec, _ in items.values() if rec.features is None and is_remote(rec.root)})
+    if remote:
+        n = sum(1 for rec, _ in items.values() if rec.root in remote)
+        raise store.StageInputError(
+            f"{n} items have their media in object storage ({', '.join(remote[:3])}); train, evaluate and index read "
+            f"media from local files. Copy them down (e.g. `aws s3 sync {remote[0]} /data/media`) and ingest the copy "
+            f"into this workdir with the same --dataset: the item ids stay the same, so the descriptions and "
+            f"translations still apply")
 
 
 def build_eval_set(items: dict, captions: list[dict], split: str, lang: str, name: str | None = None):

@@ -125,6 +125,9 @@ def test_ingest_from_a_bucket_confines_names_and_stores_uris(s3, sample_data, tm
         with pytest.raises(MediaError) as err:
             load_media(f"s3://{BUCKET}/coco-in", name, MediaConfig())
         assert err.value.kind == kind
+    # the report's gallery reads a bucket's media the same way
+    from pipelines.report import thumbnail
+    assert thumbnail(manifest["1"]["root"], first).startswith("data:image/jpeg;base64,")
 
 
 # =========================================================================== the writer lease
@@ -299,3 +302,16 @@ def test_translate_sources_from_a_parquet_folder_in_a_bucket_keep_the_file_order
     # one row per caption_id, the first in file order (1.parquet's "A dog.", not 2.parquet's "dup")
     assert [(s["caption_id"], s["text"]) for s in sources] == [("a", "A dog."), ("b", "A cat."), ("c", "A cow.")]
     assert duplicates == 1
+
+
+def test_training_refuses_media_in_a_bucket_with_the_way_out():
+    from collections import Counter as Counts
+
+    from pipelines.train import usable_items
+    manifest = [{"item_id": f"i{k}", "media_type": "image", "root": f"s3://{BUCKET}/coco", "relpath": f"{k}.jpg",
+                 "error_kind": None, "source_id": None, "split": "train"} for k in range(3)]
+    with pytest.raises(store.StageInputError, match=r"3 items have their media in object storage \(s3://leccr/coco\)"):
+        usable_items(manifest, [], (), None, Counts())
+    local = [{**r, "root": "/data/coco"} for r in manifest]
+    items, media, _ = usable_items(local, [], (), None, Counts())
+    assert media == "image" and len(items) == 3
