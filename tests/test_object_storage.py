@@ -315,3 +315,19 @@ def test_training_refuses_media_in_a_bucket_with_the_way_out():
     local = [{**r, "root": "/data/coco"} for r in manifest]
     items, media, _ = usable_items(local, [], (), None, Counts())
     assert media == "image" and len(items) == 3
+
+
+def test_ingesting_a_local_copy_with_the_same_dataset_keeps_the_item_ids(s3, sample_data, tmp_path):
+    """What train's refusal of bucket media tells the user to do."""
+    from pipelines import ingest
+    s3.upload(sample_data, BUCKET, "copy-src")
+    ingest.run(ingest.IngestConfig(input=f"s3://{BUCKET}/copy-src", workdir=tmp_path / "a", dataset="sample"))
+    ingest.run(ingest.IngestConfig(input=sample_data, workdir=tmp_path / "b", dataset="sample"))
+    ids = {}
+    for name in ("a", "b"):
+        manifest = store.read_folder(tmp_path / name / "manifest", schemas.MANIFEST).to_pylist()
+        captions = store.read_folder(tmp_path / name / "captions", schemas.CAPTIONS).to_pylist()
+        ids[name] = ({r["item_id"] for r in manifest}, {r["caption_id"] for r in captions},
+                     {r["root"] for r in manifest})
+    assert ids["a"][0] == ids["b"][0] and ids["a"][1] == ids["b"][1] and ids["a"][0]
+    assert ids["a"][2] == {f"s3://{BUCKET}/copy-src"} and ids["b"][2] == {str(sample_data.resolve())}
