@@ -63,13 +63,14 @@ def _select_views(names: Optional[str], extra: list[str], views_file: Optional[P
     return tuple(chosen), sampling
 
 
-def _local_workdir(value: Path) -> Path:
-    """Commands past translate read and write local files (checkpoints, indexes, reports): a
-    URI is refused at once (typer would have made s3://b/x the local folder "s3:/b/x")."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(value)) and not str(value).startswith("file:"):
+def _local_workdir(value: Optional[Path]) -> Optional[Path]:
+    """Commands past translate read and write local files (checkpoints, indexes, reports), and
+    import-benchmark reads local annotation folders: a URI is refused at once (typer would have
+    made s3://b/x the local folder "s3:/b/x")."""
+    if value is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(value)) and not str(value).startswith("file:"):
         raise typer.BadParameter(f"{str(value).replace(':/', '://', 1)}: this command needs a local folder; only ingest, describe and "
-                                 f"translate work on object storage. Copy the workdir down first "
-                                 f"(e.g. `aws s3 sync s3://BUCKET/PREFIX ./workdir`)")
+                                 f"translate work on object storage. Copy it down first "
+                                 f"(e.g. `aws s3 sync s3://BUCKET/PREFIX ./folder`)")
     return value
 
 
@@ -703,11 +704,13 @@ def run_recipe(
 def import_benchmark(
     format: str = typer.Option(..., "--format", help="multi30k | flickr30k | stair | coco-cn | vatex | msrvtt "
                                                      "(layouts: pipelines/readers/, README)."),
-    input: Path = typer.Option(..., "--input", help="Folder with the benchmark's annotation files (searched recursively)."),
+    input: Path = typer.Option(..., "--input", callback=_local_workdir,
+                               help="Folder with the benchmark's annotation files (searched recursively)."),
     workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder: captions/human-<lang>-<format>.parquet, manifest merged."),
     lang: List[str] = typer.Option([], "--lang", help="Languages to import, comma-separated or repeated "
                                                      "(default: all the format has)."),
-    media_root: Optional[Path] = typer.Option(None, help="Images/videos folder, searched recursively (default: --input)."),
+    media_root: Optional[Path] = typer.Option(None, callback=_local_workdir,
+                                              help="Images/videos folder, searched recursively (default: --input)."),
     dataset: Optional[str] = typer.Option(None, help="Item-id namespace (default: flickr30k, coco, vatex or msrvtt; "
                                                      "use the --dataset of an earlier ingest to share ids)."),
     split_ids: List[str] = typer.Option([], "--split-ids", help="SPLIT=FILE: native ids, one a line, put in SPLIT "

@@ -264,9 +264,10 @@ def test_translate_with_sources_references_and_workdir_in_a_bucket(s3):
     assert len([r for r in rows_again if r["origin"] == "mt"]) == len(lines)     # nothing written twice
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "report"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "report", "import-benchmark"])
 def test_commands_past_translate_refuse_a_bucket_workdir_at_once(command, tmp_path):
-    out = run_cli(command, "--workdir", f"s3://{BUCKET}/wd", *(["--lang", "de"] if command != "report" else []))
+    extra = {"report": [], "import-benchmark": ["--format", "multi30k", "--input", tmp_path]}.get(command, ["--lang", "de"])
+    out = run_cli(command, "--workdir", f"s3://{BUCKET}/wd", *extra)
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out.stderr).split())   # typer's error box, unwrapped
     assert out.returncode == 2 and "needs a local folder" in text and f"s3://{BUCKET}/wd" in text, text
     assert not (ROOT / "s3:").exists()
