@@ -1,15 +1,15 @@
 """How often German test captions find their own image first, over seeds, at the recipe test's
 settings (tests/test_recipes.py), with diagnostics of what limits it. Reported, not asserted.
 
-    .venv/bin/python bench/recipe_search_quality.py                    # seeds 0-4, the test's settings
-    .venv/bin/python bench/recipe_search_quality.py --tag before --steps 600 --enc patch_size=16  # the old ones
+    .venv/bin/python bench/recipe_search_quality.py   # seeds 0-4, the test's settings; then the old ones
+    .venv/bin/python bench/recipe_search_quality.py --tag before --steps 600 --enc patch_size=16 --set tau_min=0.001
     .venv/bin/python bench/recipe_search_quality.py --seeds 0 --set dropout=0.0 --data hflip=false
     .venv/bin/python bench/recipe_search_quality.py --render bench/out/search-quality/results.json
 
 A seed s makes the synthetic workdir (400 train / 20 val / 40 test scenes) and the tiny encoders
 (`seed=s`) and trains with seed 42 + s; s = 0 is exactly the recipe test (data and encoders seed 0,
 the CLI's training seed 42). Training and evaluation go through the real train and evaluate
-stages with the recipe's options (800 steps, batch 32, lr 1e-3, embed_dim 32, image_size 64,
+stages with the recipe's options (800 steps, batch 32, lr 1e-3, embed_dim 32, tau_min 0.07, image_size 64,
 tiny encoders with 8 px patches, view "detailed", validation every 200 steps, best.pt by
 validation R@sum); --steps, --set, --train, --data and --enc change one thing at a time. The recipe's
 describe and translate steps add a view and Portuguese captions that German training ignores,
@@ -45,7 +45,7 @@ N_TRAIN, N_VAL, N_TEST = 400, 20, 40
 # the recipe test's train step (tests/test_recipes.py RECIPE)
 RECIPE_TRAIN = dict(max_steps=800, epochs=1000, batch_size=32, lr=1e-3, eval_every_steps=200, num_workers=0,
                     threads=1)
-RECIPE_MODEL = dict(image_size=64, embed_dim=32)
+RECIPE_MODEL = dict(image_size=64, embed_dim=32, tau_min=0.07)   # tau_min: a floor at tau_init for the toy run
 RECIPE_ENCODERS = dict(patch_size=8)         # build_tiny_encoders arguments
 
 

@@ -61,7 +61,7 @@ lang = "de"
 vision_model = "${{encoders}}/vision"
 text_model = "${{encoders}}/text"
 image_size = 64
-set = ["embed_dim=32"]
+set = ["embed_dim=32", "tau_min=0.07"]   # a toy run: see test_search_finds_the_right_image_far_above_chance
 views = "detailed"
 max_steps = {steps}
 epochs = 1000
@@ -147,13 +147,16 @@ def test_search_finds_the_right_image_far_above_chance(chain):
         top1 += ranked[0] == c["item_id"]
         top10 += c["item_id"] in ranked
     print(f"search over {N_TEST} test images: first {top1}/{len(caps)}, top 10 {top10}/{len(caps)}")
-    # chance: first 1/40 (2 of 80 queries expected), top 10 10/40. Measured over five data/encoder/
-    # training seeds (bench/recipe_search_quality.py; seed 0 is this test): first 45, 33, 35, 33, 32
-    # of 80, top 10 74-80. "Most queries first" (41/80) does not hold for every seed yet: the tiny
-    # encoders train from scratch and fit only 45-71 of 80 *training* captions at 800 steps. The
-    # bound is 24 (12x chance), 8 below the lowest seed. (Before: 16 px patches, 600 steps:
-    # 47, 22, 33, 20, 16.)
-    assert top1 >= 24
+    # chance: first 1/40 (2 of 80 queries expected), top 10 10/40. This is a toy run from scratch at
+    # 100x the method's lr (1e-3), where the learnable temperature collapsed to 0.007-0.03 within
+    # ~250 steps; the recipe sets tau_min=0.07 (tau may not fall below its initial value; the
+    # method's default floor is 0.001). Measured over five data/encoder/training seeds
+    # (bench/recipe_search_quality.py; seed 0 is this test): first 35, 48, 45, 39, 41 of 80, top 10
+    # 75-80 (with the default floor: 45, 33, 35, 33, 32). "Most queries first" (41/80) does not
+    # hold for every seed yet: the tiny encoders fit only 51-62 of 80 *training* captions and
+    # human phrasing the training captions never use costs a further 4-11. The bound is 27
+    # (13x chance), 8 below the lowest seed.
+    assert top1 >= 27
     assert top10 >= 64                                           # 80% of queries find their image in the top 10
     metrics = json.loads((chain["wd"] / "eval" / "de-test-best.json").read_text())["metrics"]
     assert 100 * top1 / len(caps) == pytest.approx(metrics["t2v_r1"], abs=100 / len(caps))
