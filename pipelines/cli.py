@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -67,7 +66,8 @@ def _local_workdir(value: Optional[Path]) -> Optional[Path]:
     """Commands past translate read and write local files (checkpoints, indexes, reports), and
     import-benchmark reads local annotation folders: a URI is refused at once (typer would have
     made s3://b/x the local folder "s3:/b/x")."""
-    if value is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(value)) and not str(value).startswith("file:"):
+    from pipelines.storage import is_uri
+    if value is not None and is_uri(str(value)):
         raise typer.BadParameter(f"{str(value).replace(':/', '://', 1)}: this command needs a local folder; only ingest, describe and "
                                  f"translate work on object storage. Copy it down first "
                                  f"(e.g. `aws s3 sync s3://BUCKET/PREFIX ./folder`)")

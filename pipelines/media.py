@@ -721,9 +721,13 @@ def _fetched(root: "storage.Loc", relpath: str, cfg: MediaConfig) -> Iterator[Pa
         raise MediaError("empty_file", f"{obj.uri} is empty (0 bytes)")
     if info.size > cfg.max_file_bytes:
         raise MediaError("too_large", f"{obj.uri} is {info.size} bytes, above max_file_bytes={cfg.max_file_bytes}")
+    try:   # bounded: an object replaced by a larger one after the check is refused too
+        data = obj.read_bytes(limit=cfg.max_file_bytes)
+    except ValueError:
+        raise MediaError("too_large", f"{obj.uri} is above max_file_bytes={cfg.max_file_bytes}") from None
     with tempfile.TemporaryDirectory(prefix="leccr-media-") as folder:
         path = Path(folder) / obj.name
-        path.write_bytes(obj.read_bytes())
+        path.write_bytes(data)
         yield path
 
 

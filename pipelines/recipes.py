@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipelines import store
+from pipelines.storage import is_uri
 
 RECIPES_DIR = "recipes"
 # Commands with a --report-json option: their summary goes to WORKDIR/reports/<step>.json.
@@ -116,7 +117,7 @@ def load_recipe(path: Path, variables: dict[str, str] | None = None, workdir: Pa
                                         if "workdir" in data else None)
     if raw is None:
         raise RecipeError(f"recipe {path} names no workdir: add workdir = \"...\" or pass --workdir")
-    if "://" in raw or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", raw):
+    if is_uri(raw):
         raise RecipeError(f"recipe {path}: workdir {raw} must be a local folder (its train, evaluate, index and "
                           f"report steps need one); a describe step can still read --input from a bucket")
     target = Path(raw)

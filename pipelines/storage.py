@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import posixpath
+import re
 import threading
 from pathlib import Path
 from typing import Iterator, Union
@@ -78,10 +79,6 @@ class Loc:
     def suffix(self) -> str:
         return posixpath.splitext(self.name)[1]
 
-    @property
-    def parent(self) -> "Loc":
-        return Loc(self.scheme, posixpath.dirname(self.path.rstrip("/")))
-
     # ------------------------------------------------------------------ the filesystem
     @property
     def fs(self):
@@ -102,9 +99,6 @@ class Loc:
     def is_file(self) -> bool:
         from pyarrow.fs import FileType
         return self._info().type == FileType.File
-
-    def size(self) -> int | None:
-        return self._info().size
 
     def files(self, pattern: str = "*") -> list["Loc"]:
         """The files directly in this folder whose names match `pattern`, sorted; hidden names
@@ -138,11 +132,13 @@ class Loc:
         return {i.path[len(prefix):]: i.size for i in infos if i.type == FileType.File}
 
     def read_bytes(self, limit: int | None = None) -> bytes:
-        """The whole file; with `limit`, refuses one larger than that before reading it."""
-        if limit is not None and (self.size() or 0) > limit:
-            raise ValueError(f"{self.uri} is larger than {limit} bytes")
+        """The whole file; with `limit`, at most limit + 1 bytes are read and a larger file is
+        refused (memory stays bounded even when the object grew after a size check)."""
         with self.fs.open_input_stream(self.path) as stream:
-            return stream.read()
+            data = stream.read() if limit is None else stream.read(limit + 1)
+        if limit is not None and len(data) > limit:
+            raise ValueError(f"{self.uri} is larger than {limit} bytes")
+        return data
 
     def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return self.read_bytes().decode(encoding, errors)
@@ -158,9 +154,10 @@ class Loc:
             return open(self.path, "rb")
         return io.BufferedReader(self.fs.open_input_stream(self.path))
 
-    def write_bytes(self, data: bytes) -> None:
-        """Write the whole file so that readers see all of it or none of it: locally a temp
-        name, fsync and rename; in a store one PUT (the object appears when it completes)."""
+    def write_bytes(self, data) -> None:
+        """Write the whole file (bytes or any buffer) so that readers see all of it or none of
+        it: locally a temp name, fsync and rename; in a store one PUT (the object appears when
+        it completes)."""
         if self.local:
             path = Path(self.path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,8 +176,12 @@ class Loc:
         self.fs.delete_file(self.path)
 
     def remove_tree(self) -> None:
-        if self.exists():
-            self.fs.delete_dir(self.path) if self.is_dir() else self.fs.delete_file(self.path)
+        from pyarrow.fs import FileType
+        kind = self._info().type
+        if kind == FileType.Directory:
+            self.fs.delete_dir(self.path)
+        elif kind == FileType.File:
+            self.fs.delete_file(self.path)
 
 
 Where = Union[str, os.PathLike, Loc]
@@ -205,6 +206,12 @@ def at(where: Where) -> Loc:
 
 def is_remote(where: Where | None) -> bool:
     return where is not None and not at(where).local
+
+
+def is_uri(text: str) -> bool:
+    """Whether a user's path names a store (s3://b/x, gs://..., memory://...): also when a
+    `Path` has already folded it to "s3:/b/x", as typer's Path options do. file: is local."""
+    return bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", text)) and not text.lower().startswith("file:")
 
 
 _filesystems: dict[tuple[str, str], object] = {}

@@ -39,7 +39,7 @@ def write_atomic(table: pa.Table, path: Where) -> None:
     buffer = pa.BufferOutputStream()
     # row groups of ROW_GROUP rows: readers that stream a file (plan.local_files) hold one at a time
     pq.write_table(table, buffer, compression="zstd", row_group_size=ROW_GROUP)
-    target.write_bytes(buffer.getvalue().to_pybytes())
+    target.write_bytes(buffer.getvalue())   # the Buffer itself: no copy of the file into bytes
 
 
 def parquet_files(folder: Where) -> list[Loc]:

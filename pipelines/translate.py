@@ -356,8 +356,8 @@ def _select_sources(con, cfg: TranslateConfig, folder: Path) -> tuple[int, int]:
     if not files:
         con.execute("CREATE TEMP TABLE sources (caption_id VARCHAR, item_id VARCHAR, split VARCHAR, text VARCHAR)")
         return 0, 0
-    names = set().union(*(store.read_schema(f).names for f in files))
     files = plan_lib.local_files(files, [*SOURCE_COLUMNS, "split", "origin"], folder, "sources")
+    names = set().union(*(pq.read_schema(f).names for f in files))   # local now: no second request to a store
     optional = ", ".join(f"{c}" if c in names else f"NULL::VARCHAR AS {c}" for c in ("split", "origin"))
     con.execute(f"CREATE TEMP VIEW raw AS SELECT caption_id, item_id, lang, text, {optional}, filename, "
                 f"file_row_number FROM read_parquet({plan_lib.paths_sql(files)}, union_by_name = true, "
@@ -602,8 +602,9 @@ def _parquet_captions_columns(path: Loc, required: tuple[str, ...]) -> list[dict
     rows = []
     for file in files:
         try:
-            names = store.read_schema(file).names
-            schemas.validate(store.read_schema(file), schema, where=str(file))
+            file_schema = store.read_schema(file)
+            schemas.validate(file_schema, schema, where=str(file))
+            names = file_schema.names
         except (OSError, pa.ArrowException, schemas.SchemaError) as err:
             raise store.StageInputError(str(err)) from None
         rows.extend(store.read_table(file, columns=[c for c in (*required, "lang") if c in names]).to_pylist())
