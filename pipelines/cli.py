@@ -62,7 +62,7 @@ def _select_views(names: Optional[str], extra: list[str], views_file: Optional[P
     return tuple(chosen), sampling
 
 
-def _local_workdir(value: Optional[Path]) -> Optional[Path]:
+def _local_folder(value: Optional[Path]) -> Optional[Path]:
     """Commands past translate read and write local files (checkpoints, indexes, reports), and
     import-benchmark reads local annotation folders: a URI is refused at once (typer would have
     made s3://b/x the local folder "s3:/b/x")."""
@@ -159,7 +159,6 @@ def describe(
     from pipelines.engines.base import ENGINES, EngineConfig, SamplingConfig
     from pipelines.ingest import IngestConfig
     from pipelines.media import MediaConfig
-    from pipelines.storage import at
 
     if tokens_per_s is not None and tokens_per_s <= 0:
         _fail(EXIT_BAD_INPUT, "--tokens-per-s must be positive")
@@ -167,8 +166,6 @@ def describe(
         _fail(EXIT_BAD_INPUT, f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if video_input not in ("auto", "native", "frames"):
         _fail(EXIT_BAD_INPUT, "--video-input must be auto, native or frames")
-    if input is not None and not at(input).is_dir():
-        _fail(EXIT_BAD_INPUT, f"--input {input} is not a folder")
     try:
         chosen, file_sampling = _select_views(views, list(view), views_file)
         flags = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
@@ -373,7 +370,7 @@ def _quiet_hf_loading() -> None:
 
 @app.command()
 def train(
-    workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder (manifest, captions, descriptions); checkpoints go to "
+    workdir: Path = typer.Option(..., callback=_local_folder, help="Working folder (manifest, captions, descriptions); checkpoints go to "
                                            "WORKDIR/checkpoints/<run>, logs to WORKDIR/logs/train-<run>."),
     lang: str = typer.Option(..., help="Target language: MT captions for training, human ones for validation."),
     preset: Optional[str] = typer.Option(None, help="A benchmark's loss weights and epochs: multi30k-de|fr|cs, coco-ja|zh, "
@@ -483,7 +480,7 @@ def train(
 
 @app.command()
 def evaluate(
-    workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder; results go to WORKDIR/eval/."),
+    workdir: Path = typer.Option(..., callback=_local_folder, help="Working folder; results go to WORKDIR/eval/."),
     lang: str = typer.Option(..., help="Language of the human query captions."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (default: WORKDIR/checkpoints/<lang>/best.pt, else last.pt)."),
     split: str = typer.Option("test"),
@@ -519,7 +516,7 @@ def evaluate(
 
 @app.command()
 def index(
-    workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder; the index goes to WORKDIR/index/<run>."),
+    workdir: Path = typer.Option(..., callback=_local_folder, help="Working folder; the index goes to WORKDIR/index/<run>."),
     run: str = typer.Option(..., help="The train run to index: its --run-name (by default its language)."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint (default: WORKDIR/checkpoints/<run>/best.pt, "
                                                          "else last.pt)."),
@@ -549,7 +546,7 @@ def index(
 
 @app.command()
 def search(
-    workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder holding WORKDIR/index/<run>."),
+    workdir: Path = typer.Option(..., callback=_local_folder, help="Working folder holding WORKDIR/index/<run>."),
     run: str = typer.Option(..., help="The indexed run (as given to `leccr-pipe index --run`)."),
     query: Optional[str] = typer.Option(None, help="Text query in a language the checkpoint was trained for -> items."),
     image: Optional[Path] = typer.Option(None, help="Image query -> the nearest captions."),
@@ -580,7 +577,7 @@ def _write_report(path: Optional[Path], payload: dict) -> None:
 
 @app.command()
 def report(
-    workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder to report on."),
+    workdir: Path = typer.Option(..., callback=_local_folder, help="Working folder to report on."),
     out: Optional[Path] = typer.Option(None, help="HTML file to write (default WORKDIR/report.html)."),
     gallery: int = typer.Option(24, help="Items in the gallery."),
     example_searches: int = typer.Option(3, help="Held-out queries to run on the index when no search was saved "
@@ -704,12 +701,12 @@ def run_recipe(
 def import_benchmark(
     format: str = typer.Option(..., "--format", help="multi30k | flickr30k | stair | coco-cn | vatex | msrvtt "
                                                      "(layouts: pipelines/readers/, README)."),
-    input: Path = typer.Option(..., "--input", callback=_local_workdir,
+    input: Path = typer.Option(..., "--input", callback=_local_folder,
                                help="Folder with the benchmark's annotation files (searched recursively)."),
-    workdir: Path = typer.Option(..., callback=_local_workdir, help="Working folder: captions/human-<lang>-<format>.parquet, manifest merged."),
+    workdir: Path = typer.Option(..., callback=_local_folder, help="Working folder: captions/human-<lang>-<format>.parquet, manifest merged."),
     lang: List[str] = typer.Option([], "--lang", help="Languages to import, comma-separated or repeated "
                                                      "(default: all the format has)."),
-    media_root: Optional[Path] = typer.Option(None, callback=_local_workdir,
+    media_root: Optional[Path] = typer.Option(None, callback=_local_folder,
                                               help="Images/videos folder, searched recursively (default: --input)."),
     dataset: Optional[str] = typer.Option(None, help="Item-id namespace (default: flickr30k, coco, vatex or msrvtt; "
                                                      "use the --dataset of an earlier ingest to share ids)."),
