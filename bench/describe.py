@@ -64,6 +64,8 @@ def _cases() -> dict:
             "fixed32-1view": {"views": one, "fixed": True, "label": f"fixed {MAX_TOKENS_FIXED} tokens (ignore_eos), 1 view"}}
 
 
+STAGE_ROUTES = {"stage": "ray", "stage-local": "local"}   # route -> describe's executor
+ROUTE_LABELS = {"baseline": "one `LLM.generate`", "stage": "stage (Ray)", "stage-local": "stage (executor local)"}
 CASES: dict = {}  # filled by main(); not at import (vLLM's spawned processes re-import this file)
 
 
@@ -80,7 +82,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-load", action="store_true", help="only the engine part (keeps the old load table)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--label", default="", help="a note for this run (e.g. the commit measured)")
-    parser.add_argument("--child", choices=("baseline", "stage"), help=argparse.SUPPRESS)
+    parser.add_argument("--routes", default="stage,stage-local",
+                        help="stage routes run after each baseline: stage (Ray), stage-local (executor local)")
+    parser.add_argument("--child", choices=("baseline", *STAGE_ROUTES), help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -305,7 +309,8 @@ def watch_stage(t0: float):
         describe.progress_bar = original
 
 
-def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: bool, n_images: int) -> dict:
+def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: bool, n_images: int,
+              route: str = "stage") -> dict:
     """`describe.run` with the same model, pixels, prompts and sampling: steady rows/s after the
     first results (report.rows_per_s)."""
     import pyarrow.parquet as pq
@@ -320,7 +325,8 @@ def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: 
                                                   ignore_eos=fixed),
                           engine_kwargs={"enforce_eager": True})
     cfg = describe.DescribeConfig(workdir=workdir, engine=engine, views=views, media=STAGE_MEDIA,
-                                  ingest=IngestConfig(input=image_dir, workdir=workdir), progress=False)
+                                  ingest=IngestConfig(input=image_dir, workdir=workdir), progress=False,
+                                  executor=STAGE_ROUTES[route])
     t0 = time.perf_counter()
     with watch_stage(t0) as cpu:
         report = describe.run(cfg)
@@ -331,7 +337,7 @@ def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: 
         raise RuntimeError(f"stage output: {table.num_rows} rows (expected {expected}), {len(errors)} errors")
     lengths = table.column("output_tokens").to_pylist()
     cpu.pop("window", None)
-    return {"route": "stage", "startup_s": report.startup_s, "wall_s": report.wall_s, "rows": report.rows_written,
+    return {"route": route, "startup_s": report.startup_s, "wall_s": report.wall_s, "rows": report.rows_written,
             "first_batch_rows": report.first_batch_rows, "rows_per_s": report.rows_per_s,
             "batch_size": cfg.batch_size, "lengths": percentiles(lengths), **cpu}
 
@@ -346,7 +352,8 @@ def child_main(args: argparse.Namespace) -> None:
         prompts = [v.prompt_for("image") for v in case["views"]]
         result = run_baseline(model, sorted(image_dir.glob("*.jpg")), prompts, case["fixed"])
     else:
-        result = run_stage(model, image_dir, out / "stage-workdir", case["views"], case["fixed"], args.images)
+        result = run_stage(model, image_dir, out / "stage-workdir", case["views"], case["fixed"], args.images,
+                           args.child)
     result.update(case=args.case)
     args.child_out.write_text(json.dumps(result) + "\n")
 
@@ -376,13 +383,14 @@ def summarize(runs: list[dict]) -> dict:
     out = {}
     for case in CASES:
         base = [r for r in runs if r["case"] == case and r["route"] == "baseline"]
-        stage = [r for r in runs if r["case"] == case and r["route"] == "stage"]
-        like = [s["rows_per_s"] / (steady_as_stage(b.get("finish_s"), s["first_batch_rows"]) or float("nan"))
-                for b, s in zip(base, stage)]
-        naive = [s["rows_per_s"] / b["rows_per_s"] for b, s in zip(base, stage)]
-        if like:
-            out[case] = {"ratios": like, "median": statistics.median(like), "vs_generate": naive,
-                         "vs_generate_median": statistics.median(naive)}
+        for route in STAGE_ROUTES:
+            stage = [r for r in runs if r["case"] == case and r["route"] == route]
+            like = [s["rows_per_s"] / (steady_as_stage(b.get("finish_s"), s["first_batch_rows"]) or float("nan"))
+                    for b, s in zip(base, stage)]
+            naive = [s["rows_per_s"] / b["rows_per_s"] for b, s in zip(base, stage)]
+            if like:
+                out[f"{case}/{route}"] = {"ratios": like, "median": statistics.median(like), "vs_generate": naive,
+                                          "vs_generate_median": statistics.median(naive)}
     return out
 
 
@@ -471,7 +479,8 @@ def engine_table(results: dict) -> list[str]:
              f"<= 224*224 with `load_image`, tiny Qwen2-VL (random weights; variable cases: lm_head row of EOS "
              f"scaled to norm {results['eos_norm']:g}), greedy, max_tokens {MAX_TOKENS}, `enforce_eager` in both "
              f"routes, each run in a fresh process. Baseline: one `LLM.generate` over all requests, after engine "
-             f"start; stage: `describe.run()` steady rows/s from its first results to its last "
+             f"start; stage: `describe.run()` on a private local Ray (and with `executor=\"local\"`), steady "
+             f"rows/s from its first results to its last "
              f"(`report.rows_per_s`). **stage/baseline is like for like**: the baseline's rate counted the "
              f"same way from vLLM's per-request finish times (rows after as many as the stage's first results, "
              f"over the time from them to the last; log stats on in the baseline); in brackets the stage against "
@@ -486,17 +495,17 @@ def engine_table(results: dict) -> list[str]:
         ln = run["lengths"]
         foreign = run.get("foreign_cpu_share")
         ratio = ""
-        if run["route"] == "stage":
-            k = pair.get(run["case"], 0)
-            ratio = (f"**{summary[run['case']]['ratios'][k]:.2f}** "
-                     f"({summary[run['case']]['vs_generate'][k]:.2f})")
-            pair[run["case"]] = k + 1
-        lines.append(f"| {case} | {i} | {run['route']} | {run['rows']} | {ln['p10']:g} / {ln['p50']:g} / {ln['p90']:g} / "
+        key = f"{run['case']}/{run['route']}"
+        if run["route"] in STAGE_ROUTES:
+            k = pair.get(key, 0)
+            ratio = f"**{summary[key]['ratios'][k]:.2f}** ({summary[key]['vs_generate'][k]:.2f})"
+            pair[key] = k + 1
+        lines.append(f"| {case} | {i} | {ROUTE_LABELS[run['route']]} | {run['rows']} | {ln['p10']:g} / {ln['p50']:g} / {ln['p90']:g} / "
                      f"{ln['max']} ({ln['mean']:.1f}) | {'-' if foreign is None else f'{foreign:.0%}'} | "
                      f"{run['startup_s']:.1f} | {run['rows_per_s']:.1f} | {ratio} |")
     lines += ["", "Median stage/baseline per case, like for like (target >= 0.95): " + "; ".join(
-        f"{CASES[c]['label']}: **{v['median']:.2f}** (vs generate() {v['vs_generate_median']:.2f})"
-        for c, v in summary.items()) + ".", ""]
+        f"{CASES[key.split('/')[0]]['label']}, {ROUTE_LABELS[key.split('/')[1]]}: **{v['median']:.2f}** "
+        f"(vs generate() {v['vs_generate_median']:.2f})" for key, v in summary.items()) + ".", ""]
     return lines
 
 
@@ -575,7 +584,7 @@ def main() -> None:
         build_model(out), build_model(out, args.eos_norm)
         for case in args.cases.split(","):
             for repeat in range(args.repeats):
-                for route in ("baseline", "stage"):  # alternated, so drift on the machine hits both
+                for route in ("baseline", *args.routes.split(",")):  # alternated: drift on the machine hits all
                     run = run_child(args, route, case)
                     ln = run["lengths"]
                     print(f"[{case} {repeat + 1}/{args.repeats}] {route}: {run['rows']} rows, {run['rows_per_s']:.1f} "

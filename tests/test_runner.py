@@ -204,8 +204,8 @@ def test_completed_in_chunks_groups_results_that_finish_together():
     futures = [Future() for _ in range(4)]
     for i in (2, 0):
         futures[i].set_result(i)
-    threading.Timer(0.3, futures[1].set_result, args=(1,)).start()
-    threading.Timer(0.3, futures[3].set_result, args=(3,)).start()
+    threading.Timer(1.5, futures[1].set_result, args=(1,)).start()     # well past LINGER_S (0.25 s)
+    threading.Timer(1.5, futures[3].set_result, args=(3,)).start()
     chunks = list(completed_in_chunks(futures))
     assert chunks[0] == [0, 2] and sorted(i for c in chunks[1:] for i in c) == [1, 3]
 
