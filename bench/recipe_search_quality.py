@@ -9,7 +9,7 @@ settings (tests/test_recipes.py), with diagnostics of what limits it. Reported, 
 A seed s makes the synthetic workdir (400 train / 20 val / 40 test scenes) and the tiny encoders
 (`seed=s`) and trains with seed 42 + s; s = 0 is exactly the recipe test (data and encoders seed 0,
 the CLI's training seed 42). Training and evaluation go through the real train and evaluate
-stages with the recipe's options (800 steps, batch 32, lr 1e-3, embed_dim 32, tau_min 0.07, image_size 64,
+stages with the recipe's options (800 steps, batch 64, lr 1e-3, embed_dim 32, tau_min 0.07, image_size 64,
 tiny encoders with 8 px patches, view "detailed", validation every 200 steps, best.pt by
 validation R@sum); --steps, --set, --train, --data and --enc change one thing at a time. The recipe's
 describe and translate steps add a view and Portuguese captions that German training ignores,
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out" / "search-quality"
 N_TRAIN, N_VAL, N_TEST = 400, 20, 40
 # the recipe test's train step (tests/test_recipes.py RECIPE)
-RECIPE_TRAIN = dict(max_steps=800, epochs=1000, batch_size=32, lr=1e-3, eval_every_steps=200, num_workers=0,
+RECIPE_TRAIN = dict(max_steps=800, epochs=1000, batch_size=64, lr=1e-3, eval_every_steps=200, num_workers=0,
                     threads=1)
 RECIPE_MODEL = dict(image_size=64, embed_dim=32, tau_min=0.07)   # tau_min: a floor at tau_init for the toy run
 RECIPE_ENCODERS = dict(patch_size=8)         # build_tiny_encoders arguments
@@ -132,19 +132,38 @@ def diagnose(workdir: Path, checkpoint: Path) -> dict:
             "step": int(ckpt["position"]["step"])}
 
 
+def training_texts(workdir: Path) -> list[str]:
+    """The workdir's texts of train items only (captions and descriptions): a vocab that holds
+    no word only the test captions use."""
+    import pyarrow.compute as pc
+
+    import schemas
+    from pipelines import store
+    manifest = store.read_folder(workdir / store.MANIFEST_DIR, schemas.MANIFEST, columns=["item_id", "split"])
+    train = set(manifest.filter(pc.field("split") == "train").column("item_id").to_pylist())
+    texts = []
+    for folder, schema in ((store.CAPTIONS_DIR, schemas.CAPTIONS), (store.DESCRIPTIONS_DIR, schemas.DESCRIPTIONS)):
+        table = store.read_folder(workdir / folder, schema, columns=["item_id", "text"])
+        texts += [t for i, t in zip(table.column("item_id").to_pylist(), table.column("text").to_pylist())
+                  if t and i in train]
+    return texts
+
+
 def run_seed(seed: int, args, model_set: dict, train_set: dict) -> dict:
     from leccr_core.train import TrainConfig
     from pipelines import train as train_stage
     from pipelines.synthetic import build_tiny_encoders, make_synthetic_workdir, tiny_model_overrides, workdir_texts
 
-    base = OUT / "cache" / f"{_generator_key()}-s{seed}"
+    base = OUT / "cache" / (f"{_generator_key()}-s{seed}" + ("" if args.n_train == N_TRAIN else f"-n{args.n_train}")
+                            + args.cache_suffix)
     workdir = base / "wd"
     if not (workdir / "descriptions").is_dir():
-        make_synthetic_workdir(workdir, N_TRAIN, N_VAL, N_TEST, seed=seed)
+        make_synthetic_workdir(workdir, args.n_train, N_VAL, N_TEST, seed=seed)
     enc_set = {**RECIPE_ENCODERS, **_kv(args.enc)}
-    enc = base / ("enc-" + "-".join(f"{k}{v}" for k, v in sorted(enc_set.items())))
+    enc = base / ("enc-" + "-".join(f"{k}{v}" for k, v in sorted(enc_set.items())) + f"-vocab{args.vocab}")
     if not (enc / "text" / "vocab.txt").is_file():
-        build_tiny_encoders(enc, workdir_texts(workdir), seed=seed, **enc_set)
+        texts = workdir_texts(workdir) if args.vocab == "all" else training_texts(workdir)
+        build_tiny_encoders(enc, texts, seed=seed, **enc_set)
     tc = TrainConfig(**{**RECIPE_TRAIN, "max_steps": args.steps, "seed": 42 + seed, **train_set})
     model = {**tiny_model_overrides(enc / "vision", enc / "text"), **RECIPE_MODEL, **model_set}
     t0 = time.time()
@@ -190,7 +209,7 @@ def measure(args) -> dict:
             line += f" | last.pt test first {r['last']['test'][0]}"
         print(line, flush=True)
         print("   per template (first/of):", {k: f"{a}/{n}" for k, (a, n) in b["by_template"].items()}, flush=True)
-    return {"tag": args.tag, "steps": args.steps, "enc": {**RECIPE_ENCODERS, **_kv(args.enc)}, "set": model_set, "train": train_set, "data": data_set, "runs": runs,
+    return {"tag": args.tag, "steps": args.steps, "n_train": args.n_train, "vocab": args.vocab, "enc": {**RECIPE_ENCODERS, **_kv(args.enc)}, "set": model_set, "train": train_set, "data": data_set, "runs": runs,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), torch threads 1",
             "wall_s": time.time() - started, "date": time.strftime("%Y-%m-%d")}
 
@@ -212,6 +231,10 @@ def main() -> None:
     ap.add_argument("--data", action="append", default=[],
                     help="DataConfig field KEY=VALUE laid over the train stage's (e.g. crop_scale=[0.8,1.0]).")
     ap.add_argument("--enc", action="append", default=[], help="build_tiny_encoders argument KEY=VALUE.")
+    ap.add_argument("--n-train", type=int, default=N_TRAIN, help="training scenes in the synthetic workdir")
+    ap.add_argument("--vocab", choices=("all", "train"), default="all",
+                    help="the tiny BERT's vocab from every workdir text (the test's way) or train items' only")
+    ap.add_argument("--cache-suffix", default="", help="a separate cached workdir (two screens at once)")
     ap.add_argument("--last", action="store_true", help="Also diagnose last.pt.")
     ap.add_argument("--tag", default="recipe")
     ap.add_argument("--render", type=Path, help="Only print the summary of this results JSON.")

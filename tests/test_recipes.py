@@ -65,7 +65,7 @@ set = ["embed_dim=32", "tau_min=0.07"]   # a toy run: see test_search_finds_the_
 views = "detailed"
 max_steps = {steps}
 epochs = 1000
-batch_size = 32
+batch_size = 64                      # 63 negatives per caption: see test_search_finds_the_right_image_...
 lr = 1e-3
 eval_every_steps = 200
 num_workers = 0
@@ -150,13 +150,13 @@ def test_search_finds_the_right_image_far_above_chance(chain):
     # chance: first 1/40 (2 of 80 queries expected), top 10 10/40. This is a toy run from scratch at
     # 100x the method's lr (1e-3), where the learnable temperature collapsed to 0.007-0.03 within
     # ~250 steps; the recipe sets tau_min=0.07 (tau may not fall below its initial value; the
-    # method's default floor is 0.001). Measured over five data/encoder/training seeds
-    # (bench/recipe_search_quality.py; seed 0 is this test): first 35, 48, 45, 39, 41 of 80, top 10
-    # 75-80 (with the default floor: 45, 33, 35, 33, 32). "Most queries first" (41/80) does not
-    # hold for every seed yet: the tiny encoders fit only 51-62 of 80 *training* captions and
-    # human phrasing the training captions never use costs a further 4-11. The bound is 27
-    # (13x chance), 8 below the lowest seed.
-    assert top1 >= 27
+    # method's default floor is 0.001), and batch 64 (at 32 the tiny encoders fit only 51-62 of 80
+    # *training* captions; at 64, 69-76). Measured over five data/encoder/training seeds
+    # (bench/recipe_search_quality.py; seed 0 is this test): first 50, 53, 62, 29, 58 of 80, top 10
+    # 73-80 (batch 32: 35, 48, 45, 39, 41). On seed 3 the human phrasing fails (its own training
+    # captions: 71 of 80; the test images with training-style captions: 119 of 160), mostly one
+    # template ("auf blauem Hintergrund sieht man einen roten Kreis": 2 of 16).
+    assert top1 > len(caps) // 2                                 # most queries: 41 of 80 or more
     assert top10 >= 64                                           # 80% of queries find their image in the top 10
     metrics = json.loads((chain["wd"] / "eval" / "de-test-best.json").read_text())["metrics"]
     assert 100 * top1 / len(caps) == pytest.approx(metrics["t2v_r1"], abs=100 / len(caps))
