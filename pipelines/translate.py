@@ -635,8 +635,8 @@ def check_inputs(cfg: TranslateConfig) -> MTSettings:
         raise store.StageInputError(f"--captions {cfg.captions} does not exist")
     if cfg.engine.engine == "openai" and not cfg.dry_run:
         # an endpoint that is down or does not serve the model fails here, before Ray starts
-        from pipelines.engines.openai_engine import open_client
-        open_client(cfg.engine).close()
+        from pipelines.engines.openai_engine import check_endpoint
+        check_endpoint(cfg.engine)
     return settings
 
 

@@ -6,7 +6,7 @@ with one request at a time, and stops the run (EndpointOutageError) when it stay
 `outage_timeout_s`: an outage costs waiting, never error rows.
 
 Media travel as base64 JPEG data URLs; a video as its sampled frames (several images), which
-every multimodal chat server accepts. `open_client` (endpoint check) and `ChatClient` (the
+every multimodal chat server accepts. `check_endpoint` and `ChatClient` (the
 requests) are shared with the translate stage's openai engine.
 """
 
@@ -170,26 +170,22 @@ class Breaker:
             f"failed for the outage: rerun the same command when the endpoint is back")
 
 
-def open_client(cfg: EngineConfig) -> Any:
-    """An httpx client for cfg.base_url, once the endpoint is known to serve cfg.model (else
-    FatalEngineError: nothing could succeed). Used by the describe and translate engines."""
+def check_endpoint(cfg: EngineConfig) -> None:
+    """FatalEngineError unless cfg.base_url answers and serves cfg.model (else nothing could
+    succeed). Used by the describe and translate engines before their first request."""
     import httpx
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    limits = httpx.Limits(max_connections=max(1, cfg.concurrency))
-    client = httpx.Client(headers=headers, timeout=cfg.timeout_s, limits=limits)
     base_url = cfg.base_url.rstrip("/")
-    try:
-        listed = client.get(f"{base_url}/models")
-        listed.raise_for_status()
-        served = [m.get("id") for m in listed.json().get("data", [])]
-    except Exception as err:  # noqa: BLE001 - unreachable endpoint: nothing can succeed
-        client.close()
-        raise FatalEngineError(f"endpoint {base_url} is not usable: {type(err).__name__}: {err}") from err
+    with httpx.Client(headers=headers, timeout=cfg.timeout_s) as client:
+        try:
+            listed = client.get(f"{base_url}/models")
+            listed.raise_for_status()
+            served = [m.get("id") for m in listed.json().get("data", [])]
+        except Exception as err:  # noqa: BLE001 - unreachable endpoint: nothing can succeed
+            raise FatalEngineError(f"endpoint {base_url} is not usable: {type(err).__name__}: {err}") from err
     if cfg.model not in served:
-        client.close()
         raise FatalEngineError(f"endpoint {base_url} does not serve model {cfg.model!r} "
                                f"(it serves: {', '.join(map(str, served)) or 'nothing'})")
-    return client
 
 
 def chat_payload(cfg: EngineConfig, content: Any) -> dict[str, Any]:
@@ -217,14 +213,16 @@ class ChatClient:
         self.loop: EngineLoop | None = None
 
     def start(self) -> None:
-        open_client(self.cfg).close()   # an endpoint that is down or lacks the model fails here
+        check_endpoint(self.cfg)   # an endpoint that is down or lacks the model fails here
         self.loop = EngineLoop()
         self.loop.run(self._open())
 
     async def _open(self) -> None:
         import httpx
         headers = {"Authorization": f"Bearer {self.cfg.api_key}"} if self.cfg.api_key else {}
-        limits = httpx.Limits(max_connections=self.cfg.concurrency)
+        # every connection kept alive: httpx keeps 20 by default, so at a higher concurrency the
+        # rest were opened and closed per request, which costs a CPU-bound server its time
+        limits = httpx.Limits(max_connections=self.cfg.concurrency, max_keepalive_connections=self.cfg.concurrency)
         self.client = httpx.AsyncClient(headers=headers, timeout=self.cfg.timeout_s, limits=limits)
         self.slots = asyncio.Semaphore(self.cfg.concurrency)
         self.breaker = Breaker(self.cfg.base_url, self.cfg.outage_timeout_s)
