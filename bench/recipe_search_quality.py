@@ -2,7 +2,8 @@
 settings (tests/test_recipes.py), with diagnostics of what limits it. Reported, not asserted.
 
     .venv/bin/python bench/recipe_search_quality.py   # seeds 0-4, the test's settings; then the old ones
-    .venv/bin/python bench/recipe_search_quality.py --tag before --steps 600 --enc patch_size=16 --set tau_min=0.001
+    .venv/bin/python bench/recipe_search_quality.py --tag before --steps 600 --enc patch_size=16 --set tau_min=0.001 \
+        --train batch_size=32
     .venv/bin/python bench/recipe_search_quality.py --seeds 0 --set dropout=0.0 --data hflip=false
     .venv/bin/python bench/recipe_search_quality.py --render bench/out/search-quality/results.json
 

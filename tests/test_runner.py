@@ -201,13 +201,17 @@ def test_window_admits_by_rows_owed_and_a_large_batch_alone():
 
 
 def test_completed_in_chunks_groups_results_that_finish_together():
-    futures = [Future() for _ in range(4)]
+    """Done at once: one chunk; 1 and 3 finish 0.1 s apart, within LINGER_S (0.25 s) after the
+    first of them: one chunk; 4 finishes well after: a chunk of its own."""
+    futures = [Future() for _ in range(5)]
     for i in (2, 0):
         futures[i].set_result(i)
-    threading.Timer(1.5, futures[1].set_result, args=(1,)).start()     # well past LINGER_S (0.25 s)
-    threading.Timer(1.5, futures[3].set_result, args=(3,)).start()
+    threading.Timer(1.5, futures[1].set_result, args=(1,)).start()     # well past LINGER_S after 0 and 2
+    threading.Timer(1.6, futures[3].set_result, args=(3,)).start()
+    threading.Timer(3.5, futures[4].set_result, args=(4,)).start()
     chunks = list(completed_in_chunks(futures))
-    assert chunks[0] == [0, 2] and sorted(i for c in chunks[1:] for i in c) == [1, 3]
+    assert chunks[0] == [0, 2] and sorted(i for c in chunks[1:] for i in c) == [1, 3, 4]
+    assert chunks[1:] == [[1, 3], [4]]
 
 
 class _NeverEngine(_TimedEngine):

@@ -181,11 +181,11 @@ def done_future(result: Any) -> Future:
     return future
 
 
-# Results finishing this close together travel as one chunk. Each chunk costs a Ray object and a
-# driver round trip (and a writer call); with ten batches in flight and 20 ms, a chunk held about
-# one row and the Ray route ran at 0.67 of vLLM's best at 5 views (bench/describe.py, 2 cores);
-# 0.25 s gave 0.86. Much longer holds rows that the driver's window still counts as owed, and
-# the engine gets fewer new requests (1 s: 0.77).
+# Results finishing within this time after the first travel as one chunk. Each chunk costs a Ray
+# object, a driver round trip and a writer call. At 20 ms, with ten batches in flight at 5 views, a
+# chunk held about one row: the Ray route moved 130-133 rows/s, and 149-172 at 0.25 s (single
+# runs, bench/describe.py, 2 cores). Much longer holds rows that the driver's window still counts
+# as owed, so the engine gets new requests later (1 s: 156 rows/s).
 LINGER_S = 0.25
 
 
