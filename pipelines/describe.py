@@ -20,8 +20,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import pyarrow as pa
-
 import schemas
 from pipelines import ids, store
 from pipelines.engines.base import DescribeRequest, EngineConfig, make_describer, results_as_completed
@@ -293,11 +291,6 @@ def _ingest_error_rows(items: list[dict]) -> list[dict]:
 
 # --------------------------------------------------------------------------- engine plumbing
 
-_ENGINE_OUT = pa.schema([f for f in schemas.DESCRIPTIONS if f.name in {
-    "item_id", "view", "media_type", "text", "finish_reason", "n_frames", "width", "height",
-    "prompt_tokens", "output_tokens", "latency_s", "error_kind", "error", "attempt"}])
-
-
 def _stream_rows(cfg: DescribeConfig, todo: PlanShards, writer: DescriptionWriter, advance,
                  report: DescribeReport, started: float, rows_before: int) -> None:
     """Run load -> engine through the shared runner and write results as they stream in."""
@@ -307,7 +300,7 @@ def _stream_rows(cfg: DescribeConfig, todo: PlanShards, writer: DescriptionWrite
     rows = Batches(todo.batches(items_per_batch), todo.rows)
     step = EngineStep(make_engine=partial(make_describer, cfg.engine),
                       stream_fn=partial(describe_stream, views={v.name: v for v in cfg.views}),
-                      out_schema=_ENGINE_OUT, batch_size=items_per_batch, outputs_per_input=len(cfg.views),
+                      batch_size=items_per_batch, outputs_per_input=len(cfg.views),
                       max_in_flight=cfg.max_in_flight, num_cpus=cfg.engine_num_cpus,
                       prepare=partial(load_batch, media_cfg=cfg.media),
                       prepare_num_cpus=cfg.load_num_cpus, row_key=lambda r: (r["item_id"], r["view"]))

