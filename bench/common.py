@@ -16,8 +16,44 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 
-from bench.describe import percentiles, tree_cpu_by_pid
+
+def tree_cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its live descendants: vLLM's engine
+    processes, the local Ray cluster, the video decoder helper."""
+    return sum(tree_cpu_by_pid().values())
+
+
+def tree_cpu_by_pid(pid: int | None = None) -> dict[int, float]:
+    """pid -> CPU seconds (user + system) of process `pid` (default: this one) and each of its
+    live descendants; empty when it is gone."""
+    return {p: cpu for p, (cpu, _) in tree_cpu_and_role(pid).items()}
+
+
+def tree_cpu_and_role(pid: int | None = None) -> dict[int, tuple[float, bool]]:
+    """pid -> (CPU seconds, whether it is one of vLLM's engine processes: EngineCore or a model
+    Worker, which vLLM titles "VLLM::...") for `pid` (default: this one) and its descendants."""
+    import psutil
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return {}
+    out = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            out[process.pid] = (times.user + times.system, process.name().startswith("VLLM::"))
+        except psutil.Error:
+            pass
+    return out
+
+
+def percentiles(lengths: list[int]) -> dict:
+    arr = np.asarray(lengths)
+    return {f"p{q}": float(np.percentile(arr, q)) for q in (10, 50, 90)} | {
+        "max": int(arr.max()), "mean": float(arr.mean()), "total": int(arr.sum())}
 
 
 def _busy_s() -> float:
@@ -29,23 +65,27 @@ def _busy_s() -> float:
 class Timeline:
     """Samples, every `period_s` on a thread: time, the machine's busy CPU, this process tree's
     CPU and a server's process tree CPU (an endpoint we started, but whose CPU is not the
-    route's). A window is then cut afterwards from the times the route reports (a stage's
-    report gives start-up and wall time), so no hook inside the stage is needed. A process that
-    ends keeps the CPU it was last seen with (Ray's workers end with the run)."""
+    route's), and the part of our own CPU that vLLM's engine processes took (what is left is the
+    route's own cost: vLLM's front end, our stage, Ray). A window is then cut afterwards from
+    the times the route reports (a stage's report gives start-up and wall time), so no hook
+    inside the stage is needed. A process that ends keeps the CPU it was last seen with (Ray's
+    workers end with the run)."""
 
     def __init__(self, server_pid: int | None = None, period_s: float = 0.5) -> None:
         self.server_pid, self.period_s = server_pid, period_s
-        self.samples: list[tuple[float, float, float, float]] = []
-        self._own: dict[int, float] = {}
+        self.samples: list[tuple[float, float, float, float, float]] = []
+        self._own: dict[int, tuple[float, bool]] = {}
         self._server: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cpu-timeline", daemon=True)
 
     def _sample(self) -> None:
-        self._own.update(tree_cpu_by_pid())
+        self._own.update(tree_cpu_and_role())
         if self.server_pid is not None:
             self._server.update(tree_cpu_by_pid(self.server_pid))
-        self.samples.append((time.perf_counter(), _busy_s(), sum(self._own.values()), sum(self._server.values())))
+        own = sum(cpu for cpu, _ in self._own.values())
+        engine = sum(cpu for cpu, is_engine in self._own.values() if is_engine)
+        self.samples.append((time.perf_counter(), _busy_s(), own, sum(self._server.values()), engine))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
@@ -61,7 +101,7 @@ class Timeline:
         self._thread.join()
         self._sample()
 
-    def at(self, t: float) -> tuple[float, float, float, float]:
+    def at(self, t: float) -> tuple[float, ...]:
         """The counters at time t, linearly interpolated between the two samples around it (a
         steady window of a few seconds is then not rounded to the sampling period)."""
         samples = self.samples
@@ -74,16 +114,17 @@ class Timeline:
         return samples[-1]
 
     def window(self, t0: float, t1: float) -> dict:
-        """CPU use between t0 and t1 (perf_counter times): our own CPU seconds, the server's
-        share of the machine and the share other users took."""
+        """CPU use between t0 and t1 (perf_counter times): our own CPU seconds (and those of vLLM's
+        engine processes among them), the server's share of the machine and the share other
+        users took."""
         first, last = self.at(t0), self.at(t1)
         dt = last[0] - first[0]
         if dt <= 0:
             return {"window_s": 0.0}
-        busy, own, server = (last[i] - first[i] for i in (1, 2, 3))
+        busy, own, server, engine = (last[i] - first[i] for i in (1, 2, 3, 4))
         machine = dt * (os.cpu_count() or 1)
-        return {"window_s": dt, "own_cpu_s": own, "own_cpu_cores": own / dt, "server_cpu_share": server / machine,
-                "foreign_cpu_share": max(0.0, busy - own - server) / machine}
+        return {"window_s": dt, "own_cpu_s": own, "own_cpu_cores": own / dt, "engine_cpu_s": engine,
+                "server_cpu_share": server / machine, "foreign_cpu_share": max(0.0, busy - own - server) / machine}
 
 
 def run_child(script: Path, args: list[str], result_path: Path, timeout_s: float = 1800) -> dict:

@@ -27,7 +27,6 @@ import shutil
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +40,7 @@ for _key, _value in {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1",
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from bench.common import Timeline, percentiles, steady_as_stage, tree_cpu_s  # noqa: E402
 from pipelines.media import MediaConfig, load_image, load_video, target_size  # noqa: E402
 
 PROMPT = "Describe this {media} in detail."
@@ -188,57 +188,6 @@ def scale_eos(base: Path, target: Path, eos_norm: float) -> Path:
 
 # --------------------------------------------------------------------------- the two routes (child processes)
 
-def tree_cpu_s() -> float:
-    """CPU seconds (user + system) of this process and its live descendants: vLLM's engine
-    processes, the local Ray cluster, the video decoder helper."""
-    return sum(tree_cpu_by_pid().values())
-
-
-def tree_cpu_by_pid(pid: int | None = None) -> dict[int, float]:
-    """pid -> CPU seconds (user + system) of process `pid` (default: this one) and each of its
-    live descendants; empty when it is gone."""
-    import psutil
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return {}
-    out = {}
-    for process in processes:
-        try:
-            times = process.cpu_times()
-            out[process.pid] = times.user + times.system
-        except psutil.Error:
-            pass
-    return out
-
-
-class CpuWindow:
-    """CPU use over a window, ours and others'. The machine is shared: other users' load, not
-    our code, is the largest noise in these numbers, so each run reports the share of the
-    machine they took (system-wide busy CPU from /proc/stat less this process tree's CPU)."""
-
-    def __init__(self) -> None:
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy_s = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
-        return time.perf_counter(), busy_s, tree_cpu_s()
-
-    def stop(self) -> dict:
-        (t0, busy0, own0), (t1, busy1, own1) = self.start, self._sample()
-        own = own1 - own0
-        return {"own_cpu_s": own, "foreign_cpu_share": max(0.0, busy1 - busy0 - own) / ((t1 - t0) * os.cpu_count())}
-
-
-def percentiles(lengths: list[int]) -> dict:
-    arr = np.asarray(lengths)
-    return {f"p{q}": float(np.percentile(arr, q)) for q in (10, 50, 90)} | {
-        "max": int(arr.max()), "mean": float(arr.mean()), "total": int(arr.sum())}
-
-
 def run_baseline(model: Path, images: list[Path], prompts: list[str], fixed: bool) -> dict:
     """vLLM's own best: one `LLM.generate` over every request (each image with each prompt, an
     image's prompts next to each other, as the stage orders them), timed after engine start."""
@@ -259,15 +208,22 @@ def run_baseline(model: Path, images: list[Path], prompts: list[str], fixed: boo
     startup_s = time.perf_counter() - t0
     params = vllm.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=MAX_TOKENS_FIXED if fixed else MAX_TOKENS,
                                  seed=0, repetition_penalty=1.0, ignore_eos=fixed)
-    window = CpuWindow()
-    t1 = time.perf_counter()
-    outputs = llm.generate(requests, params, use_tqdm=False)
-    generate_s = time.perf_counter() - t1
-    cpu = window.stop()
+    with Timeline() as timeline:
+        t1 = time.perf_counter()
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        generate_s = time.perf_counter() - t1
     lengths = [len(o.outputs[0].token_ids) for o in outputs]
     return {"route": "baseline", "startup_s": startup_s, "generate_s": generate_s, "rows": len(outputs),
             "rows_per_s": len(outputs) / generate_s, "finish_s": finish_times(outputs),
-            "lengths": percentiles(lengths), **cpu}
+            "lengths": percentiles(lengths), **route_cpu(timeline.window(t1, t1 + generate_s), len(outputs))}
+
+
+def route_cpu(window: dict, rows: int) -> dict:
+    """The CPU window, plus the route's own CPU per output row in it: everything of ours but
+    vLLM's engine processes (the baseline: vLLM's front end; the stage: vLLM's front end, our
+    stage and Ray). On a small machine that CPU is taken from the engine."""
+    outside = window.get("own_cpu_s", 0.0) - window.get("engine_cpu_s", 0.0)
+    return window | {"route_cpu_ms_per_row": 1000 * outside / rows if rows > 0 else None}
 
 
 def finish_times(outputs: list) -> list[float] | None:
@@ -277,36 +233,6 @@ def finish_times(outputs: list) -> list[float] | None:
     if not all(done):
         return None
     return [t - min(done) for t in sorted(done)]
-
-
-@contextmanager
-def watch_stage(t0: float):
-    """Hook the stage's progress callback (called once per batch that reaches the driver) to
-    measure others' CPU share over the same first-to-last-batch window as the report's rate."""
-    from pipelines import describe
-
-    cpu: dict = {}
-    seen = [0]
-    original = describe.progress_bar
-
-    @contextmanager
-    def progress_bar(label, total, enabled=True):
-        def advance(n: int) -> None:
-            if not n:
-                return
-            seen[0] += n
-            if "window" not in cpu and "own_cpu_s" not in cpu:
-                cpu["window"] = CpuWindow()
-                cpu["first_s"] = time.perf_counter() - t0
-            elif seen[0] >= total and "window" in cpu:
-                cpu.update(cpu.pop("window").stop())
-        yield advance
-
-    describe.progress_bar = progress_bar
-    try:
-        yield cpu
-    finally:
-        describe.progress_bar = original
 
 
 def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: bool, n_images: int,
@@ -327,8 +253,8 @@ def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: 
     cfg = describe.DescribeConfig(workdir=workdir, engine=engine, views=views, media=STAGE_MEDIA,
                                   ingest=IngestConfig(input=image_dir, workdir=workdir), progress=False,
                                   executor=STAGE_ROUTES[route])
-    t0 = time.perf_counter()
-    with watch_stage(t0) as cpu:
+    with Timeline() as timeline:   # others' CPU over the report's steady window (Ray's ended workers kept)
+        t0 = time.perf_counter()
         report = describe.run(cfg)
     table = pq.read_table(workdir / store.DESCRIPTIONS_DIR)
     errors = [e for e in table.column("error_kind").to_pylist() if e]
@@ -336,10 +262,11 @@ def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: 
     if table.num_rows != expected or errors or report.error_rows:
         raise RuntimeError(f"stage output: {table.num_rows} rows (expected {expected}), {len(errors)} errors")
     lengths = table.column("output_tokens").to_pylist()
-    cpu.pop("window", None)
     return {"route": route, "startup_s": report.startup_s, "wall_s": report.wall_s, "rows": report.rows_written,
             "first_batch_rows": report.first_batch_rows, "rows_per_s": report.rows_per_s,
-            "batch_size": cfg.batch_size, "lengths": percentiles(lengths), **cpu}
+            "batch_size": cfg.batch_size, "lengths": percentiles(lengths),
+            **route_cpu(timeline.window(t0 + report.startup_s, t0 + report.last_rows_s),
+                        report.rows_written - report.first_batch_rows)}
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -379,7 +306,6 @@ def summarize(runs: list[dict]) -> dict:
     way from its per-request finish times: rows after as many as the stage's first results,
     over the time from them to the last), `vs_generate` against the baseline's whole
     generate() (which includes its up-front input processing: flatters the stage)."""
-    from bench.common import steady_as_stage   # bench.common imports this module
     out = {}
     for case in CASES:
         base = [r for r in runs if r["case"] == case and r["route"] == "baseline"]
@@ -419,7 +345,14 @@ def median_rates(passes: list[tuple[float, float]]) -> dict:
 
 
 def load_rates(images: list[Path], videos: dict[str, Path], rounds: int = 3) -> dict:
-    window = CpuWindow()
+    with Timeline() as timeline:
+        t0 = time.perf_counter()
+        results = _load_rates(images, videos, rounds)
+    results["foreign_cpu_share"] = timeline.window(t0, time.perf_counter())["foreign_cpu_share"]
+    return results
+
+
+def _load_rates(images: list[Path], videos: dict[str, Path], rounds: int) -> dict:
     results = {}
     for label, cfg in (("448x448", MediaConfig()), ("224x224", MediaConfig(max_pixels=224 * 224))):
         rate(lambda p: load_image(p, cfg), images[:10])  # warm the page cache and PIL's plugins
@@ -436,7 +369,6 @@ def load_rates(images: list[Path], videos: dict[str, Path], rounds: int = 3) -> 
         results[f"video_{name}"] = {"frames_out": int(media.pixels.shape[0]),
                                     "output": f"{media.pixels.shape[2]}x{media.pixels.shape[1]}",
                                     "load_video": median_rates(passes)}
-    results["foreign_cpu_share"] = window.stop()["foreign_cpu_share"]
     return results
 
 
@@ -485,15 +417,18 @@ def engine_table(results: dict) -> list[str]:
              f"same way from vLLM's per-request finish times (rows after as many as the stage's first results, "
              f"over the time from them to the last; log stats on in the baseline); in brackets the stage against "
              f"the baseline's whole generate() (rows/s column), which includes generate()'s up-front processing "
-             f"of every input and so flatters the stage. Command: `{results['command']}`.", "",
+             f"of every input and so flatters the stage. CPU outside vLLM's engine: the route's CPU seconds "
+             f"over the same window (the whole generate() for the baseline), less those of vLLM's EngineCore "
+             f"and model worker, per row finished in it: vLLM's front end in both routes, plus our stage and "
+             f"Ray in the stage. Command: `{results['command']}`.", "",
              "| case | run | route | requests | output tokens p10 / p50 / p90 / max (mean) | others' CPU share "
-             "| engine start (s) | rows/s | stage/baseline (vs generate()) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| CPU outside vLLM's engine (ms/row) | engine start (s) | rows/s | stage/baseline (vs generate()) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     pair: dict = {}
     for i, run in enumerate(results["runs"], 1):
         case = CASES[run["case"]]["label"]
         ln = run["lengths"]
-        foreign = run.get("foreign_cpu_share")
+        foreign, outside = run.get("foreign_cpu_share"), run.get("route_cpu_ms_per_row")
         ratio = ""
         key = f"{run['case']}/{run['route']}"
         if run["route"] in STAGE_ROUTES:
@@ -502,7 +437,7 @@ def engine_table(results: dict) -> list[str]:
             pair[key] = k + 1
         lines.append(f"| {case} | {i} | {ROUTE_LABELS[run['route']]} | {run['rows']} | {ln['p10']:g} / {ln['p50']:g} / {ln['p90']:g} / "
                      f"{ln['max']} ({ln['mean']:.1f}) | {'-' if foreign is None else f'{foreign:.0%}'} | "
-                     f"{run['startup_s']:.1f} | {run['rows_per_s']:.1f} | {ratio} |")
+                     f"{'-' if outside is None else f'{outside:.2f}'} | {run['startup_s']:.1f} | {run['rows_per_s']:.1f} | {ratio} |")
     lines += ["", "Median stage/baseline per case, like for like (target >= 0.95): " + "; ".join(
         f"{CASES[key.split('/')[0]]['label']}, {ROUTE_LABELS[key.split('/')[1]]}: **{v['median']:.2f}** "
         f"(vs generate() {v['vs_generate_median']:.2f})" for key, v in summary.items()) + ".", ""]

@@ -45,10 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
-from bench.common import (Timeline, add_run_args, finish, lengths_cell, plain_client_run, ratio_lines,  # noqa: E402
-                          ratios_to_baseline, results_header, run_rounds, same_tokens, steady_as_stage)
-from bench.describe import (EOS_NORM, MAX_TOKENS, PROMPT, STAGE_MEDIA, build_model, make_images,  # noqa: E402
-                            percentiles)
+from bench.common import (Timeline, add_run_args, finish, lengths_cell, percentiles, plain_client_run,  # noqa: E402
+                          ratio_lines, ratios_to_baseline, results_header, run_rounds, same_tokens, steady_as_stage)
+from bench.describe import EOS_NORM, MAX_TOKENS, PROMPT, STAGE_MEDIA, build_model, make_images  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 
 CASES = {"1view": "1 view", "5views": "5 views (stage default)"}

@@ -45,9 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
-from bench.common import (Timeline, add_run_args, finish, lengths_cell, ratio_lines, ratios_to_baseline,  # noqa: E402
+from bench.common import (Timeline, add_run_args, finish, lengths_cell, percentiles, ratio_lines, ratios_to_baseline,  # noqa: E402
                           results_header, run_rounds, same_tokens, steady_as_stage)
-from bench.describe import finish_times, percentiles, scale_eos  # noqa: E402
+from bench.describe import finish_times, scale_eos  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 from bench.translate import specific_captions, write_lines  # noqa: E402
 

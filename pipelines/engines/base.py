@@ -181,11 +181,13 @@ def done_future(result: Any) -> Future:
     return future
 
 
-# Results finishing within this time after the first travel as one chunk. Each chunk costs a Ray
-# object, a driver round trip and a writer call. At 20 ms, with ten batches in flight at 5 views, a
-# chunk held about one row: the Ray route moved 130-133 rows/s, and 149-172 at 0.25 s (single
-# runs, bench/describe.py, 2 cores). Much longer holds rows that the driver's window still counts
-# as owed, so the engine gets new requests later (1 s: 156 rows/s).
+# Results finishing within this time after the first travel as one chunk, and on Ray an engine
+# actor sends whatever chunks of all its batches arrived within this time as one object
+# (runner.EngineWorker.events). Each chunk costs a writer call, each object a driver round trip.
+# At 20 ms, with ten batches in flight at 5 views, a chunk held about one row: the Ray route (then
+# one object per chunk) moved 130-133 rows/s, and 149-172 at 0.25 s (single runs,
+# bench/describe.py, 2 cores). Much longer holds rows that the driver's window still counts as
+# owed, so the engine gets new requests later (1 s: 156 rows/s).
 LINGER_S = 0.25
 
 
