@@ -145,7 +145,7 @@ def run_stage(args: argparse.Namespace, executor: str) -> dict:
             "wall_s": report.wall_s, "startup_s": report.startup_s,
             "first_batch_rows": report.first_batch_rows, "output_tokens_report": report.output_tokens,
             "lengths": percentiles(table.column("output_tokens").to_pylist()),
-            **timeline.window(t0 + report.startup_s, t0 + report.wall_s)}
+            **timeline.window(t0 + report.startup_s, t0 + report.last_rows_s)}   # the rate's window
 
 
 def child_main(args: argparse.Namespace) -> None:
