@@ -24,7 +24,8 @@ import pytest
 from pipelines import describe, ingest, runner, translate
 from pipelines.describe import DescribeConfig, View
 from pipelines.engines import openai_engine
-from pipelines.engines.base import EngineConfig, SamplingConfig, completed_in_chunks, results_as_completed
+from pipelines.engines.base import (EngineConfig, FatalEngineError, SamplingConfig, completed_in_chunks,
+                                    results_as_completed)
 from tests.servers import ScriptedFakeEndpoint, http_error, sleep_then
 
 VIEWS = (View("a", "Say a about this {media}."), View("b", "Say b about this {media}."))
@@ -270,6 +271,22 @@ def test_an_engine_actor_sends_the_rows_of_its_batches_together(local_ray):
                                    stall_timeout_s=120)]
     assert sorted(n for chunk in chunks for n in chunk) == list(range(12))
     assert max(len({n // 2 for n in chunk}) for chunk in chunks) > 1      # batches 2k, 2k+1 in one chunk
+
+
+def _fails_on_seven(engine, rows: list[dict]):
+    if any(row["n"] == 7 for row in rows):
+        raise RuntimeError("request 7 broke the engine")
+    yield from _echo_stream(engine, rows)
+
+
+@pytest.mark.slow
+def test_a_batch_that_raises_on_an_engine_actor_stops_the_run_with_its_reason(local_ray):
+    # the actor's one event stream carries every batch: a batch's error must end the run (with
+    # its reason), not just that batch's rows, and not hang the driver
+    step = runner.EngineStep(make_engine=partial(_TimedEngine, {}, 16), stream_fn=_fails_on_seven, batch_size=2)
+    with pytest.raises(FatalEngineError, match="request 7 broke the engine"):
+        list(runner.stream_on_ray(local_ray, [{"n": n} for n in range(8)], step, n_engines=1, gpus=0.0,
+                                  stall_timeout_s=120))
 
 
 @pytest.mark.slow
