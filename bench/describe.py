@@ -84,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--label", default="", help="a note for this run (e.g. the commit measured)")
     parser.add_argument("--routes", default="stage,stage-local",
                         help="stage routes run after each baseline: stage (Ray), stage-local (executor local)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="the stage's batch_size (items per dispatch); default: describe's own")
     parser.add_argument("--child", choices=("baseline", *STAGE_ROUTES), help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
@@ -236,7 +238,7 @@ def finish_times(outputs: list) -> list[float] | None:
 
 
 def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: bool, n_images: int,
-              route: str = "stage") -> dict:
+              route: str = "stage", batch_size: int | None = None) -> dict:
     """`describe.run` with the same model, pixels, prompts and sampling: steady rows/s after the
     first results (report.rows_per_s)."""
     import pyarrow.parquet as pq
@@ -252,7 +254,8 @@ def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: 
                           engine_kwargs={"enforce_eager": True})
     cfg = describe.DescribeConfig(workdir=workdir, engine=engine, views=views, media=STAGE_MEDIA,
                                   ingest=IngestConfig(input=image_dir, workdir=workdir), progress=False,
-                                  executor=STAGE_ROUTES[route])
+                                  executor=STAGE_ROUTES[route],
+                                  **({"batch_size": batch_size} if batch_size else {}))
     with Timeline() as timeline:   # others' CPU over the report's steady window (Ray's ended workers kept)
         t0 = time.perf_counter()
         report = describe.run(cfg)
@@ -280,7 +283,7 @@ def child_main(args: argparse.Namespace) -> None:
         result = run_baseline(model, sorted(image_dir.glob("*.jpg")), prompts, case["fixed"])
     else:
         result = run_stage(model, image_dir, out / "stage-workdir", case["views"], case["fixed"], args.images,
-                           args.child)
+                           args.child, args.batch_size)
     result.update(case=args.case)
     args.child_out.write_text(json.dumps(result) + "\n")
 
@@ -290,7 +293,8 @@ def run_child(args: argparse.Namespace, route: str, case: str) -> dict:
     result_path = args.out.resolve() / f"child-{route}-{case}.json"
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", route, "--case", case, "--images",
-           str(args.images), "--out", str(args.out), "--eos-norm", str(args.eos_norm), "--child-out", str(result_path)]
+           str(args.images), "--out", str(args.out), "--eos-norm", str(args.eos_norm), "--child-out", str(result_path),
+           *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:

@@ -143,7 +143,8 @@ def describe(
     executor: str = typer.Option("ray", help="ray, or local: one engine in this process without Ray (tiny runs)."),
     ray_address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster (default: a local Ray)."),
     num_engines: Optional[int] = typer.Option(None, help="Engine actors (default: one per GPU / TP group, else 1)."),
-    batch_size: int = typer.Option(32, help="Requests per dispatch to an engine (and per load task)."),
+    batch_size: int = typer.Option(32, help="Items per dispatch to an engine and per load task (each gives one "
+                                                 "request per view)."),
     max_in_flight: Optional[int] = typer.Option(None, help="Requests kept in flight per engine (vllm, openai); "
                                                            "default: twice what it runs at once (vLLM's "
                                                            "max_num_seqs, --concurrency) plus two batches."),

@@ -70,7 +70,7 @@ class DescribeConfig:
     num_engines: int | None = None         # None: one per GPU (tensor-parallel aware), else 1
     engine_num_cpus: float = 1.0
     load_num_cpus: float = 0.5             # fractional: on 2 cores whole CPUs starve the engine
-    batch_size: int = 32                   # requests per dispatch to an engine (and per load task)
+    batch_size: int = 32                   # items per dispatch to an engine and per load task (a request per view)
     max_in_flight: int | None = None       # requests owed per engine; None: 2x what it runs at once + 2 batches
     stall_timeout_s: float = 600.0         # stop (exit 1) when no row finishes for this long; 0: never
     rows_per_file: int = 2048
@@ -294,13 +294,14 @@ def _ingest_error_rows(items: list[dict]) -> list[dict]:
 def _stream_rows(cfg: DescribeConfig, todo: PlanShards, writer: DescriptionWriter, advance,
                  report: DescribeReport, started: float, rows_before: int) -> None:
     """Run load -> engine through the shared runner and write results as they stream in."""
-    # batch_size counts engine requests; an item becomes one request per view
-    items_per_batch = max(1, cfg.batch_size // len(cfg.views))
+    # batch_size counts items, whatever the views: each batch costs a load task, an actor call and
+    # a thread. Counting requests made 6-item batches at 5 views, five times as many (1536 images,
+    # 5 views, Ray, 2 cores: 136 rows/s, against 153 with 32-item batches; docs/benchmarks.md)
     # read from the plan's shards as the engines take them: the driver never holds the plan
-    rows = Batches(todo.batches(items_per_batch), todo.rows)
+    rows = Batches(todo.batches(cfg.batch_size), todo.rows)
     step = EngineStep(make_engine=partial(make_describer, cfg.engine),
                       stream_fn=partial(describe_stream, views={v.name: v for v in cfg.views}),
-                      batch_size=items_per_batch, outputs_per_input=len(cfg.views),
+                      batch_size=cfg.batch_size, outputs_per_input=len(cfg.views),
                       max_in_flight=cfg.max_in_flight, num_cpus=cfg.engine_num_cpus,
                       prepare=partial(load_batch, media_cfg=cfg.media),
                       prepare_num_cpus=cfg.load_num_cpus, row_key=lambda r: (r["item_id"], r["view"]))

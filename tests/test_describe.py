@@ -156,7 +156,7 @@ def _wait_for_file(folder: Path, proc: subprocess.Popen, deadline_s: float) -> N
 def test_sigkilled_run_resumes_with_every_row_exactly_once(tmp_path, sample_data, tiny_qwen):
     workdir = tmp_path / "w"
     args = _describe_args(workdir, tiny_qwen, "transformers", "--input", sample_data,
-                          "--batch-size", "10", "--rows-per-file", "10")
+                          "--batch-size", "2", "--rows-per-file", "10")
     proc = subprocess.Popen([*CLI, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:

@@ -196,7 +196,7 @@ def test_describe_in_a_bucket_sigkilled_refused_then_resumed_exactly_once(s3, sa
     workdir = f"s3://{BUCKET}/wd"
     args = ["describe", "--input", f"s3://{BUCKET}/sample", "--workdir", workdir, "--engine", "transformers",
             "--model", tiny_qwen, "--device", "cpu", "--max-tokens", "8", "--ignore-eos",
-            "--max-pixels", str(224 * 224), "--batch-size", "10", "--rows-per-file", "10", "--no-progress"]
+            "--max-pixels", str(224 * 224), "--batch-size", "2", "--rows-per-file", "10", "--no-progress"]
     env = {**os.environ, **_bucket_env(s3), "LECCR_LEASE_TTL_S": "8"}
     proc = subprocess.Popen([*CLI, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, env=env)

@@ -44,7 +44,7 @@ def _describe_cfg(workdir: Path, sample: Path, fake: ScriptedFakeEndpoint, **kw)
 
 
 def test_local_describe_streams_in_completion_order_and_writes_each_row_once(sample_data, tmp_path):
-    # the default batch (16 items x 2 views): every request is in the first batch; the first takes 3 s
+    # the default batch (32 items x 2 views): every request is in the first batch; the first takes 3 s
     with ScriptedFakeEndpoint([sleep_then(3.0)]) as fake:
         report = describe.run(_describe_cfg(tmp_path, sample_data, fake))
         assert fake.max_in_flight >= 2
@@ -301,6 +301,45 @@ def test_a_killed_engine_actor_is_replaced_and_its_batches_give_each_row_once(lo
     rows = [row["n"] for row in first] + [row["n"] for chunk in out for row in chunk]
     assert sorted(rows) == list(range(16))         # each row once, though its batch ran twice
     assert len(pid_file.read_text().split()) == 2  # a second actor took over
+
+
+def _worker_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+class _CpuHolder:
+    """Holds a CPU, as an engine actor does."""
+    def ready(self) -> bool:
+        return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.slow
+def test_the_private_cluster_keeps_the_workers_that_prepare_batches_across_idle_gaps(local_ray):
+    # Ray's default kills workers idle for 1 s once the node runs more workers than CPUs; with an
+    # engine actor on a small machine that hit the prepare workers between batches, and each new
+    # one costs about a CPU-second. Here: an actor holding a CPU, every other CPU busy with
+    # half-CPU tasks (more workers than CPUs), then an idle gap of 3 s.
+    ray = local_ray
+    holder = ray.remote(num_cpus=1)(_CpuHolder).remote()
+    try:
+        ray.get(holder.ready.remote())
+        concurrent = 2 * (int(ray.cluster_resources()["CPU"]) - 1)
+        task = ray.remote(num_cpus=0.5)(_worker_pid)
+        workers = set(ray.get([task.remote(1.0) for _ in range(concurrent)]))
+        assert len(workers) == concurrent                  # they ran at once, each on its own worker
+        time.sleep(3)
+        assert all(_alive(pid) for pid in workers)         # none was killed in the gap
+    finally:
+        ray.kill(holder)
 
 
 @pytest.mark.slow
