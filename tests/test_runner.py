@@ -303,8 +303,12 @@ def test_a_killed_engine_actor_is_replaced_and_its_batches_give_each_row_once(lo
     assert len(pid_file.read_text().split()) == 2  # a second actor took over
 
 
-def _worker_pid(seconds: float) -> int:
-    time.sleep(seconds)
+def _pid_once_all_started(folder: str, count: int) -> int:
+    """A task's worker pid, returned once `count` such tasks run at once (each on its own worker)."""
+    Path(folder, str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(folder)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
     return os.getpid()
 
 
@@ -323,7 +327,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_the_private_cluster_keeps_the_workers_that_prepare_batches_across_idle_gaps(local_ray):
+def test_the_private_cluster_keeps_the_workers_that_prepare_batches_across_idle_gaps(local_ray, tmp_path):
     # Ray's default kills workers idle for 1 s once the node runs more workers than CPUs; with an
     # engine actor on a small machine that hit the prepare workers between batches, and each new
     # one costs about a CPU-second. Here: an actor holding a CPU, every other CPU busy with
@@ -333,8 +337,8 @@ def test_the_private_cluster_keeps_the_workers_that_prepare_batches_across_idle_
     try:
         ray.get(holder.ready.remote())
         concurrent = 2 * (int(ray.cluster_resources()["CPU"]) - 1)
-        task = ray.remote(num_cpus=0.5)(_worker_pid)
-        workers = set(ray.get([task.remote(1.0) for _ in range(concurrent)]))
+        task = ray.remote(num_cpus=0.5)(_pid_once_all_started)
+        workers = set(ray.get([task.remote(str(tmp_path), concurrent) for _ in range(concurrent)]))
         assert len(workers) == concurrent                  # they ran at once, each on its own worker
         time.sleep(3)
         assert all(_alive(pid) for pid in workers)         # none was killed in the gap
