@@ -31,9 +31,10 @@ def tree_cpu_by_pid(pid: int | None = None) -> dict[int, float]:
     return {p: cpu for p, (cpu, _) in tree_cpu_and_role(pid).items()}
 
 
-def tree_cpu_and_role(pid: int | None = None) -> dict[int, tuple[float, bool]]:
-    """pid -> (CPU seconds, whether it is one of vLLM's engine processes: EngineCore or a model
-    Worker, which vLLM titles "VLLM::...") for `pid` (default: this one) and its descendants."""
+def tree_cpu_and_role(pid: int | None = None) -> dict[int, tuple[float, str]]:
+    """pid -> (CPU seconds, its role) for `pid` (default: this one) and its descendants. Roles:
+    "worker" for vLLM's model worker (the forward passes), "engine" for vLLM's other engine
+    processes (EngineCore), both titled "VLLM::..." by vLLM, and "" for everything else."""
     import psutil
     try:
         root = psutil.Process(pid)
@@ -44,7 +45,9 @@ def tree_cpu_and_role(pid: int | None = None) -> dict[int, tuple[float, bool]]:
     for process in processes:
         try:
             times = process.cpu_times()
-            out[process.pid] = (times.user + times.system, process.name().startswith("VLLM::"))
+            name = process.name()
+            role = "worker" if name.startswith("VLLM::Worker") else "engine" if name.startswith("VLLM::") else ""
+            out[process.pid] = (times.user + times.system, role)
         except psutil.Error:
             pass
     return out
@@ -73,7 +76,7 @@ class Timeline:
 
     def __init__(self, server_pid: int | None = None, period_s: float = 0.5) -> None:
         self.server_pid, self.period_s = server_pid, period_s
-        self.samples: list[tuple[float, float, float, float, float]] = []
+        self.samples: list[tuple[float, ...]] = []
         self._own: dict[int, tuple[float, bool]] = {}
         self._server: dict[int, float] = {}
         self._stop = threading.Event()
@@ -84,8 +87,9 @@ class Timeline:
         if self.server_pid is not None:
             self._server.update(tree_cpu_by_pid(self.server_pid))
         own = sum(cpu for cpu, _ in self._own.values())
-        engine = sum(cpu for cpu, is_engine in self._own.values() if is_engine)
-        self.samples.append((time.perf_counter(), _busy_s(), own, sum(self._server.values()), engine))
+        engine = sum(cpu for cpu, role in self._own.values() if role)
+        worker = sum(cpu for cpu, role in self._own.values() if role == "worker")
+        self.samples.append((time.perf_counter(), _busy_s(), own, sum(self._server.values()), engine, worker))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.period_s):
@@ -121,9 +125,12 @@ class Timeline:
         dt = last[0] - first[0]
         if dt <= 0:
             return {"window_s": 0.0}
-        busy, own, server, engine = (last[i] - first[i] for i in (1, 2, 3, 4))
+        busy, own, server, engine, worker = (last[i] - first[i] for i in (1, 2, 3, 4, 5))
         machine = dt * (os.cpu_count() or 1)
+        # the model worker's busy share is the engine's duty cycle: on a CPU machine it runs the
+        # forward passes on its own core, and the rate follows it (docs/benchmarks.md)
         return {"window_s": dt, "own_cpu_s": own, "own_cpu_cores": own / dt, "engine_cpu_s": engine,
+                "model_worker_cores": worker / dt,
                 "server_cpu_share": server / machine, "foreign_cpu_share": max(0.0, busy - own - server) / machine}
 
 

@@ -424,15 +424,19 @@ def engine_table(results: dict) -> list[str]:
              f"of every input and so flatters the stage. CPU outside vLLM's engine: the route's CPU seconds "
              f"over the same window (the whole generate() for the baseline), less those of vLLM's EngineCore "
              f"and model worker, per row finished in it: vLLM's front end in both routes, plus our stage and "
-             f"Ray in the stage. Command: `{results['command']}`.", "",
+             f"Ray in the stage. Model worker busy: the CPU of vLLM's model worker (the forward passes, bound "
+             f"to its own core) per second of the same window, the engine's duty cycle. "
+             f"Command: `{results['command']}`.", "",
              "| case | run | route | requests | output tokens p10 / p50 / p90 / max (mean) | others' CPU share "
-             "| CPU outside vLLM's engine (ms/row) | engine start (s) | rows/s | stage/baseline (vs generate()) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| CPU outside vLLM's engine (ms/row) | model worker busy | engine start (s) | rows/s "
+             "| stage/baseline (vs generate()) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     pair: dict = {}
     for i, run in enumerate(results["runs"], 1):
         case = CASES[run["case"]]["label"]
         ln = run["lengths"]
-        foreign, outside = run.get("foreign_cpu_share"), run.get("route_cpu_ms_per_row")
+        foreign, outside, worker = (run.get(k) for k in ("foreign_cpu_share", "route_cpu_ms_per_row",
+                                                           "model_worker_cores"))
         ratio = ""
         key = f"{run['case']}/{run['route']}"
         if run["route"] in STAGE_ROUTES:
@@ -441,7 +445,8 @@ def engine_table(results: dict) -> list[str]:
             pair[key] = k + 1
         lines.append(f"| {case} | {i} | {ROUTE_LABELS[run['route']]} | {run['rows']} | {ln['p10']:g} / {ln['p50']:g} / {ln['p90']:g} / "
                      f"{ln['max']} ({ln['mean']:.1f}) | {'-' if foreign is None else f'{foreign:.0%}'} | "
-                     f"{'-' if outside is None else f'{outside:.2f}'} | {run['startup_s']:.1f} | {run['rows_per_s']:.1f} | {ratio} |")
+                     f"{'-' if outside is None else f'{outside:.2f}'} | {'-' if worker is None else f'{worker:.2f}'} | "
+                     f"{run['startup_s']:.1f} | {run['rows_per_s']:.1f} | {ratio} |")
     lines += ["", "Median stage/baseline per case, like for like (target >= 0.95): " + "; ".join(
         f"{CASES[key.split('/')[0]]['label']}, {ROUTE_LABELS[key.split('/')[1]]}: **{v['median']:.2f}** "
         f"(vs generate() {v['vs_generate_median']:.2f})" for key, v in summary.items()) + ".", ""]
