@@ -77,7 +77,7 @@ class Timeline:
     def __init__(self, server_pid: int | None = None, period_s: float = 0.5) -> None:
         self.server_pid, self.period_s = server_pid, period_s
         self.samples: list[tuple[float, ...]] = []
-        self._own: dict[int, tuple[float, bool]] = {}
+        self._own: dict[int, tuple[float, str]] = {}   # pid -> (CPU seconds, role)
         self._server: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cpu-timeline", daemon=True)

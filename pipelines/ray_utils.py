@@ -17,6 +17,16 @@ class RayUnreachableError(FatalEngineError):
     """The Ray cluster named by --ray-address / RAY_ADDRESS does not answer: nothing can run."""
 
 
+# Ray kills a worker that has been idle for 1 s whenever its node runs more workers than it has
+# CPUs. On a small machine the engine actor takes one of those, so the workers that prepare
+# batches were killed in the gaps between batches and started again, about a CPU-second each
+# (a 1536-image describe on 2 cores: 10-13 prepare workers instead of 4-5, the 5-view rate 98-125
+# rows/s instead of 136; docs/benchmarks.md). A private cluster lives only as long as its run, so
+# it keeps idle workers for a minute. (On a cluster of your own, set it at `ray start` with the
+# environment variable RAY_idle_worker_killing_time_threshold_ms.)
+PRIVATE_CLUSTER_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+
+
 def init_ray(address: str | None) -> Any:
     """Connect to the given Ray cluster (or RAY_ADDRESS), else start a private local one.
 
@@ -42,15 +52,6 @@ def init_ray(address: str | None) -> Any:
              _system_config=None if address else PRIVATE_CLUSTER_CONFIG)
     return ray
 
-
-# Ray kills a worker that has been idle for 1 s whenever its node runs more workers than it has
-# CPUs. On a small machine the engine actor takes one of those, so the workers that prepare
-# batches were killed in the gaps between batches and started again, about a CPU-second each
-# (a 1536-image describe on 2 cores: 10-13 prepare workers instead of 4-5, the 5-view rate 98-125
-# rows/s instead of 136; docs/benchmarks.md). A private cluster lives only as long as its run, so
-# it keeps idle workers for a minute. (On a cluster of your own, set it at `ray start` with the
-# environment variable RAY_idle_worker_killing_time_threshold_ms.)
-PRIVATE_CLUSTER_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
 FORWARDED_ENV_PREFIXES = ("VLLM_", "HF_", "OMP_", "TRANSFORMERS_")

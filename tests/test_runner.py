@@ -336,7 +336,9 @@ def test_the_private_cluster_keeps_the_workers_that_prepare_batches_across_idle_
     holder = ray.remote(num_cpus=1)(_CpuHolder).remote()
     try:
         ray.get(holder.ready.remote())
-        concurrent = 2 * (int(ray.cluster_resources()["CPU"]) - 1)
+        cpus = int(ray.cluster_resources()["CPU"])
+        concurrent = 2 * (cpus - 1)
+        assert concurrent + 1 > cpus, "needs 2 CPUs or more: more workers than CPUs, as with an engine actor"
         task = ray.remote(num_cpus=0.5)(_pid_once_all_started)
         workers = set(ray.get([task.remote(str(tmp_path), concurrent) for _ in range(concurrent)]))
         assert len(workers) == concurrent                  # they ran at once, each on its own worker
