@@ -268,6 +268,7 @@ def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: 
     return {"route": route, "startup_s": report.startup_s, "wall_s": report.wall_s, "rows": report.rows_written,
             "first_batch_rows": report.first_batch_rows, "rows_per_s": report.rows_per_s,
             "batch_size": cfg.batch_size, "lengths": percentiles(lengths),
+            "engine_queue": [report.engine_queue_at(0.1), report.engine_queue_at(0.5)],
             **route_cpu(timeline.window(t0 + report.startup_s, t0 + report.last_rows_s),
                         report.rows_written - report.first_batch_rows)}
 
@@ -425,18 +426,23 @@ def engine_table(results: dict) -> list[str]:
              f"over the same window (the whole generate() for the baseline), less those of vLLM's EngineCore "
              f"and model worker, per row finished in it: vLLM's front end in both routes, plus our stage and "
              f"Ray in the stage. Model worker busy: the CPU of vLLM's model worker (the forward passes, bound "
-             f"to its own core) per second of the same window, the engine's duty cycle. "
+             f"to its own core) per second of the same window, the engine's duty cycle. Requests in vLLM: "
+             f"what the stage's engine held (queued or running) each time it handed back rows while more input "
+             f"waited, 10th percentile / median (`report.engine_queue`; vLLM runs at most max_num_seqs, 256 "
+             f"here, at once; the baseline hands it every request at once). "
              f"Command: `{results['command']}`.", "",
              "| case | run | route | requests | output tokens p10 / p50 / p90 / max (mean) | others' CPU share "
-             "| CPU outside vLLM's engine (ms/row) | model worker busy | engine start (s) | rows/s "
-             "| stage/baseline (vs generate()) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| CPU outside vLLM's engine (ms/row) | model worker busy | requests in vLLM p10 / p50 | engine start (s) "
+             "| rows/s | stage/baseline (vs generate()) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pair: dict = {}
     for i, run in enumerate(results["runs"], 1):
         case = CASES[run["case"]]["label"]
         ln = run["lengths"]
         foreign, outside, worker = (run.get(k) for k in ("foreign_cpu_share", "route_cpu_ms_per_row",
                                                            "model_worker_cores"))
+        held = run.get("engine_queue") or [None, None]
+        held = "all" if run["route"] == "baseline" else "-" if held[0] is None else f"{held[0]} / {held[1]}"
         ratio = ""
         key = f"{run['case']}/{run['route']}"
         if run["route"] in STAGE_ROUTES:
@@ -445,7 +451,7 @@ def engine_table(results: dict) -> list[str]:
             pair[key] = k + 1
         lines.append(f"| {case} | {i} | {ROUTE_LABELS[run['route']]} | {run['rows']} | {ln['p10']:g} / {ln['p50']:g} / {ln['p90']:g} / "
                      f"{ln['max']} ({ln['mean']:.1f}) | {'-' if foreign is None else f'{foreign:.0%}'} | "
-                     f"{'-' if outside is None else f'{outside:.2f}'} | {'-' if worker is None else f'{worker:.2f}'} | "
+                     f"{'-' if outside is None else f'{outside:.2f}'} | {'-' if worker is None else f'{worker:.2f}'} | {held} | "
                      f"{run['startup_s']:.1f} | {run['rows_per_s']:.1f} | {ratio} |")
     lines += ["", "Median stage/baseline per case, like for like (target >= 0.95): " + "; ".join(
         f"{CASES[key.split('/')[0]]['label']}, {ROUTE_LABELS[key.split('/')[1]]}: **{v['median']:.2f}** "

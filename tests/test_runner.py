@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from pipelines.describe import DescribeConfig, View
 from pipelines.engines import openai_engine
 from pipelines.engines.base import (EngineConfig, FatalEngineError, SamplingConfig, completed_in_chunks,
                                     results_as_completed)
+from pipelines.summary import print_describe_summary
 from tests.servers import ScriptedFakeEndpoint, http_error, sleep_then
 
 VIEWS = (View("a", "Say a about this {media}."), View("b", "Say b about this {media}."))
@@ -55,6 +57,19 @@ def test_local_describe_streams_in_completion_order_and_writes_each_row_once(sam
     others = [r for r in rows if r is not slow]
     # the 29 other rows, its own item's other view and its batchmates included, came back first
     assert max(r["created_at"] for r in others) < slow["created_at"]
+
+
+def test_describe_reports_what_its_engine_held_in_its_json_and_its_summary(sample_data, tmp_path, capsys):
+    # 2 items (4 requests) per batch, 4 requests owed at most, each answered after 0.3 s: input
+    # waits, and the report says how many requests the openai engine held meanwhile (the runner
+    # tests above check what the numbers mean)
+    with ScriptedFakeEndpoint(default=sleep_then(0.3)) as fake:
+        report = describe.run(_describe_cfg(tmp_path, sample_data, fake, batch_size=2, max_in_flight=4))
+    out = report.as_dict()
+    assert report.rows_written == 30 and out["engine_queue_samples"] > 0
+    assert 0 <= out["engine_queue_p10"] <= out["engine_queue_p50"] <= 4
+    print_describe_summary(report)
+    assert "engine queue" in capsys.readouterr().err
 
 
 def test_local_describe_enforces_the_error_rate_for_library_callers(sample_data, tmp_path):
@@ -118,6 +133,9 @@ class _TimedEngine:
             self.owed -= 1
         future.set_result(n)
 
+    def in_flight(self) -> int:
+        return self.owed
+
     def close(self):
         self.closed = True
 
@@ -165,6 +183,33 @@ class _BatchEngine:
         with self.lock:
             self.active -= 1
         return numbers
+
+
+def _slow_load(rows: list[dict]) -> list[dict]:
+    time.sleep(0.3)
+    return rows
+
+
+def test_the_engine_queue_tells_a_full_engine_from_one_that_loading_starves():
+    # the runner counts what the engine holds each time rows come back while more input waits.
+    # Requests of 0.3-1.2 s with instant loads: the window (8 requests) stays nearly full. Instant
+    # requests behind 0.3 s loads: the engine holds next to nothing. (No time is asserted: the
+    # sleeps only make the engine the bottleneck, then the loading.)
+    def run(delays: dict[int, float], prepare) -> Counter:
+        queue: Counter = Counter()
+        step = runner.EngineStep(make_engine=lambda: _TimedEngine(delays, target=4),
+                                 stream_fn=_echo_stream, batch_size=2, prepare=prepare)
+        out = [row["n"] for chunk in runner.stream_locally([{"n": n} for n in range(24)], step, engine_queue=queue)
+               for row in chunk]
+        assert sorted(out) == list(range(24))
+        return queue
+
+    full, starved = run({n: 0.3 + 0.3 * (n % 4) for n in range(24)}, None), run({}, _slow_load)
+    report = runner.StreamReport(engine_queue=full)
+    assert full and max(full) <= 8 and report.engine_queue_at(0.5) >= 4
+    assert starved and runner.StreamReport(engine_queue=starved).engine_queue_at(0.5) <= 1
+    assert report.stream_dict()["engine_queue_p50"] == report.engine_queue_at(0.5)
+    assert runner.StreamReport().engine_queue_at(0.5) is None      # no streaming engine: nothing claimed
 
 
 def _batch_stream(engine, rows: list[dict]):
@@ -271,6 +316,20 @@ def test_an_engine_actor_sends_the_rows_of_its_batches_together(local_ray):
                                    stall_timeout_s=120)]
     assert sorted(n for chunk in chunks for n in chunk) == list(range(12))
     assert max(len({n // 2 for n in chunk}) for chunk in chunks) > 1      # batches 2k, 2k+1 in one chunk
+
+
+@pytest.mark.slow
+def test_an_engine_actor_reports_the_requests_its_engine_holds(local_ray):
+    # requests of 0.3-1.2 s, a window of 4 requests and 16 rows: input waits most of the run, and
+    # each event group from the actor says what its engine held then (never more than the window)
+    queue: Counter = Counter()
+    step = runner.EngineStep(make_engine=partial(_TimedEngine, {n: 0.3 + 0.3 * (n % 4) for n in range(16)}, 16),
+                             stream_fn=_echo_stream, batch_size=2, max_in_flight=4)
+    out = [row["n"] for chunk in runner.stream_on_ray(local_ray, [{"n": n} for n in range(16)], step, n_engines=1,
+                                                      gpus=0.0, stall_timeout_s=120, engine_queue=queue)
+           for row in chunk]
+    assert sorted(out) == list(range(16))
+    assert queue and max(queue) <= 4 and runner.StreamReport(engine_queue=queue).engine_queue_at(0.5) >= 1
 
 
 def _fails_on_seven(engine, rows: list[dict]):

@@ -157,13 +157,27 @@ class EngineLoop:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
         self.thread.start()
+        self._started, self._finished = 0, 0
+        self._counting = threading.Lock()      # batch threads submit at once
 
     def run(self, coro: Any) -> Any:
         return self.submit(coro).result()
 
     def submit(self, coro: Any) -> Future:
         """Start a coroutine on the loop; its result or exception arrives in the future."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        with self._counting:
+            self._started += 1
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        future.add_done_callback(self._count_finished)
+        return future
+
+    def _count_finished(self, _: Future) -> None:
+        self._finished += 1                    # done callbacks run on the loop's one thread
+
+    @property
+    def pending(self) -> int:
+        """Coroutines started and not finished: a streaming engine's requests in flight."""
+        return self._started - self._finished
 
     def close(self) -> None:
         if self.loop.is_closed():

@@ -76,6 +76,11 @@ class EndpointEngine:
     def in_flight_target(self) -> int:
         return 2 * self.cfg.concurrency
 
+    def in_flight(self) -> int:
+        """Requests handed to the client and not finished: at most `concurrency` of them are at
+        the endpoint, the rest wait for a slot (or for an open breaker)."""
+        return self.chat.loop.pending if self.chat is not None and self.chat.loop is not None else 0
+
 
 class OpenAIDescriber(EndpointEngine):
     def submit(self, requests: list[DescribeRequest]) -> list[Future]:

@@ -75,6 +75,10 @@ class StreamingLLM:
         except Exception as err:  # noqa: BLE001 - any start-up failure is fatal, with its reason
             raise FatalEngineError(f"vLLM could not start {cfg.model!r}: {type(err).__name__}: {err}") from err
 
+    def in_flight(self) -> int:
+        """Requests handed to the engine and not finished (waiting in vLLM's scheduler or running)."""
+        return self.loop.pending if self.loop is not None else 0
+
     @property
     def max_num_seqs(self) -> int:
         """Sequences vLLM's scheduler runs at once."""
@@ -169,6 +173,9 @@ class VllmDescriber:
     def in_flight_target(self) -> int:
         assert self.llm is not None, "setup() first"
         return 2 * self.llm.max_num_seqs
+
+    def in_flight(self) -> int:
+        return self.llm.in_flight() if self.llm is not None else 0
 
     def _prompt(self, text: str, media_type: str, n_frames: int) -> str:
         """The chat-templated prompt; rendered once per (view, media shape), not per request."""

@@ -74,6 +74,9 @@ class VllmTranslator(ChatPairs):
         assert self.llm is not None, "setup() first"
         return 2 * self.llm.max_num_seqs
 
+    def in_flight(self) -> int:
+        return self.llm.in_flight() if self.llm is not None else 0
+
     def submit(self, requests: list[TranslateRequest]) -> list[Future]:
         """One future per request, in order; a prompt the template rejects fails alone."""
         assert self.llm is not None, "setup() first"
