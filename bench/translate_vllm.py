@@ -144,6 +144,7 @@ def run_stage(args: argparse.Namespace, executor: str) -> dict:
             "rows_per_s": report.rows_per_s, "end_to_end_rows_per_s": report.rows_written / report.wall_s,
             "wall_s": report.wall_s, "startup_s": report.startup_s,
             "first_batch_rows": report.first_batch_rows, "output_tokens_report": report.output_tokens,
+            "engine_queue": [report.engine_queue_at(0.1), report.engine_queue_at(0.5)],
             "lengths": percentiles(table.column("output_tokens").to_pylist()),
             **timeline.window(t0 + report.startup_s, t0 + report.last_rows_s)}   # the rate's window
 
@@ -198,10 +199,13 @@ def markdown(results: dict) -> str:
              f"after them) cancels: stage/baseline is steady against steady; in brackets, the stage's steady rate "
              f"against the baseline's generate() rate. End to end: rows over the time from `LLM()` to the end of "
              f"generate() against rows over the stage's whole run (Ray, actor and engine start-up included: "
-             f"this handicaps the stage). Command: `{results['command']}`.", "",
+             f"this handicaps the stage). Requests in vLLM: what the stage's engine held (queued or running) each "
+             f"time it handed back rows while more strings waited, 10th percentile / median "
+             f"(`report.engine_queue`; vLLM runs at most max_num_seqs, 256 here, at once; the baseline hands it "
+             f"every string at once). Command: `{results['command']}`.", "",
              "| case | round | route | requests | output tokens p10 / p50 / p90 / max (total) | others' CPU "
-             "| our CPU (cores) | engine start (s) | rows/s | baseline counted alike | stage/baseline (vs generate()) "
-             "| rows/s end to end | stage/baseline end to end |", "|" + "---|" * 13]
+             "| our CPU (cores) | requests in vLLM p10 / p50 | engine start (s) | rows/s | baseline counted alike "
+             "| stage/baseline (vs generate()) | rows/s end to end | stage/baseline end to end |", "|" + "---|" * 14]
     for run in results["runs"]:
         ratio = ""
         if "ratio_generate" in run:
@@ -209,9 +213,11 @@ def markdown(results: dict) -> str:
                 f"({run['ratio_generate']:.2f})"
         steady = run.get("baseline_steady_rows_per_s")
         end_to_end = f"{run['ratio_end_to_end']:.2f}" if "ratio_end_to_end" in run else ""
+        held = run.get("engine_queue") or [None, None]
+        held = "all" if run["route"] == "baseline" else "-" if held[0] is None else f"{held[0]} / {held[1]}"
         lines.append(f"| {CASES[run['case']]} | {run['round']} | {ROUTE_LABELS[run['route']]} | {run['rows']} | "
                      f"{lengths_cell(run['lengths'])} | {run.get('foreign_cpu_share', 0):.0%} | "
-                     f"{run.get('own_cpu_cores', 0):.2f} | {run['startup_s']:.1f} | {run['rows_per_s']:.1f} | "
+                     f"{run.get('own_cpu_cores', 0):.2f} | {held} | {run['startup_s']:.1f} | {run['rows_per_s']:.1f} | "
                      f"{'-' if steady is None else f'{steady:.1f}'} | {ratio} | {run['end_to_end_rows_per_s']:.1f} | "
                      f"{end_to_end} |")
     lines += ratio_lines(results, CASES, ROUTE_LABELS, lambda v: f" (vs generate() {v['median_generate']:.2f}, "
