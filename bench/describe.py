@@ -251,7 +251,9 @@ def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: 
     engine = EngineConfig(engine="vllm", model=str(model), max_model_len=MAX_MODEL_LEN,
                           sampling=SamplingConfig(max_tokens=MAX_TOKENS_FIXED if fixed else MAX_TOKENS,
                                                   ignore_eos=fixed),
-                          engine_kwargs={"enforce_eager": True})
+                          # log stats on, as in the baseline, which needs them for its finish times:
+                          # they cost an LLM.generate 4-13% here (docs/benchmarks.md, sixth session)
+                          engine_kwargs={"enforce_eager": True, "disable_log_stats": False})
     cfg = describe.DescribeConfig(workdir=workdir, engine=engine, views=views, media=STAGE_MEDIA,
                                   ingest=IngestConfig(input=image_dir, workdir=workdir), progress=False,
                                   executor=STAGE_ROUTES[route],
@@ -420,7 +422,8 @@ def engine_table(results: dict) -> list[str]:
              f"rows/s from its first results to its last "
              f"(`report.rows_per_s`). **stage/baseline is like for like**: the baseline's rate counted the "
              f"same way from vLLM's per-request finish times (rows after as many as the stage's first results, "
-             f"over the time from them to the last; log stats on in the baseline); in brackets the stage against "
+             f"over the time from them to the last; vLLM's log stats on in both routes: the baseline needs "
+             f"them for its finish times, and they cost it 4-13%); in brackets the stage against "
              f"the baseline's whole generate() (rows/s column), which includes generate()'s up-front processing "
              f"of every input and so flatters the stage. CPU outside vLLM's engine: the route's CPU seconds "
              f"over the same window (the whole generate() for the baseline), less those of vLLM's EngineCore "
