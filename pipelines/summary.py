@@ -35,7 +35,7 @@ def engine_queue(report: "StreamReport") -> str:
     if not report.engine_queue:
         return ""
     return (f"{report.engine_queue_at(0.1)} (10th percentile) / {report.engine_queue_at(0.5)} (median) requests held "
-            f"while more input waited; far below what the engine runs at once, loading or writing starved it")
+            f"while more input waited (far below what the engine runs at once: loading or writing starved it)")
 
 
 def print_describe_summary(report: "DescribeReport") -> None:
