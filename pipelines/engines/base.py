@@ -158,7 +158,7 @@ class EngineLoop:
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
         self.thread.start()
         self._started, self._finished = 0, 0
-        self._counting = threading.Lock()      # batch threads submit at once
+        self._counting = threading.Lock()      # batch threads submit at once; a cancel ends a future off the loop
 
     def run(self, coro: Any) -> Any:
         return self.submit(coro).result()
@@ -172,7 +172,8 @@ class EngineLoop:
         return future
 
     def _count_finished(self, _: Future) -> None:
-        self._finished += 1                    # done callbacks run on the loop's one thread
+        with self._counting:
+            self._finished += 1
 
     @property
     def pending(self) -> int:
