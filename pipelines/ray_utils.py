@@ -53,7 +53,6 @@ def init_ray(address: str | None) -> Any:
     return ray
 
 
-
 FORWARDED_ENV_PREFIXES = ("VLLM_", "HF_", "OMP_", "TRANSFORMERS_")
 # where the object store is (pipelines/storage.py); never its credentials, which a runtime env
 # would show in Ray's dashboard and logs: each node takes those from its own environment or role
