@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -147,55 +146,6 @@ def run_child(script: Path, args: list[str], result_path: Path, timeout_s: float
     result = json.loads(result_path.read_text())
     result["process_wall_s"] = time.perf_counter() - t0
     return result
-
-
-class FinishClock:
-    """When each request of one `LLM.generate` finished, without vLLM's log stats (they cost an
-    LLM.generate 4-13% on 2 cores: docs/benchmarks.md, sixth session). Pass `clock.bar` as
-    `use_tqdm`: vLLM makes its progress bar with it and updates that bar as each request
-    finishes; `clock.bar` hands the loops it wraps (rendering the prompts) back untouched."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def bar(self, iterable: Any = None, **_: Any) -> Any:
-        return iterable if iterable is not None else _FinishBar(self.times)
-
-    def finish_s(self) -> list[float] | None:
-        """Each finish, sorted, from the first one (None: nothing finished)."""
-        return [t - self.times[0] for t in self.times] if self.times else None
-
-
-class _FinishBar:
-    """The part of a tqdm bar that vLLM's LLM._run_engine uses."""
-
-    def __init__(self, times: list[float]) -> None:
-        self.times, self.n, self.postfix, self.start = times, 0, "", time.perf_counter()
-
-    @property
-    def format_dict(self) -> dict[str, float]:
-        return {"elapsed": max(time.perf_counter() - self.start, 1e-9)}
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        self.times.extend([time.perf_counter()] * n)
-
-    def refresh(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def engine_queue_of(report: Any) -> list[int | None]:
-    """A stage report's engine queue (10th percentile, median) for a run's JSON."""
-    return [report.engine_queue_at(0.1), report.engine_queue_at(0.5)]
-
-
-def engine_queue_cell(run: dict) -> str:
-    """The table cell: "all" for the baseline (every request handed over at once)."""
-    held = run.get("engine_queue") or [None, None]
-    return "all" if run["route"] == "baseline" else "-" if held[0] is None else f"{held[0]} / {held[1]}"
 
 
 def steady_as_stage(finish_s: list[float] | None, first_rows: int) -> float | None:

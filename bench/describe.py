@@ -40,8 +40,7 @@ for _key, _value in {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1",
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from bench.common import (FinishClock, Timeline, engine_queue_cell, engine_queue_of, percentiles,  # noqa: E402
-                          steady_as_stage, tree_cpu_s)
+from bench.common import Timeline, percentiles, steady_as_stage, tree_cpu_s  # noqa: E402
 from pipelines.media import MediaConfig, load_image, load_video, target_size  # noqa: E402
 
 PROMPT = "Describe this {media} in detail."
@@ -205,20 +204,19 @@ def run_baseline(model: Path, images: list[Path], prompts: list[str], fixed: boo
     pixels = [load_image(p, STAGE_MEDIA).pixels for p in images]  # loaded before the clock starts
     requests = [{"prompt": t, "multi_modal_data": {"image": px}} for px in pixels for t in texts]
     t0 = time.perf_counter()
-    # vLLM's defaults (log stats off); the finishes are timed by its own progress-bar hook
-    llm = vllm.LLM(model=str(model), enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+    # log stats on: each output then carries its engine-side finish time (metrics.last_token_ts)
+    llm = vllm.LLM(model=str(model), enforce_eager=True, max_model_len=MAX_MODEL_LEN, disable_log_stats=False,
                    limit_mm_per_prompt={"image": 1, "video": 1}, seed=0)
     startup_s = time.perf_counter() - t0
     params = vllm.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=MAX_TOKENS_FIXED if fixed else MAX_TOKENS,
                                  seed=0, repetition_penalty=1.0, ignore_eos=fixed)
-    clock = FinishClock()
     with Timeline() as timeline:
         t1 = time.perf_counter()
-        outputs = llm.generate(requests, params, use_tqdm=clock.bar)
+        outputs = llm.generate(requests, params, use_tqdm=False)
         generate_s = time.perf_counter() - t1
     lengths = [len(o.outputs[0].token_ids) for o in outputs]
     return {"route": "baseline", "startup_s": startup_s, "generate_s": generate_s, "rows": len(outputs),
-            "rows_per_s": len(outputs) / generate_s, "finish_s": clock.finish_s(),
+            "rows_per_s": len(outputs) / generate_s, "finish_s": finish_times(outputs),
             "lengths": percentiles(lengths), **route_cpu(timeline.window(t1, t1 + generate_s), len(outputs))}
 
 
@@ -228,6 +226,15 @@ def route_cpu(window: dict, rows: int) -> dict:
     stage and Ray). On a small machine that CPU is taken from the engine."""
     outside = window.get("own_cpu_s", 0.0) - window.get("engine_cpu_s", 0.0)
     return window | {"route_cpu_ms_per_row": 1000 * outside / rows if rows > 0 else None}
+
+
+def finish_times(outputs: list) -> list[float] | None:
+    """Each request's engine-side finish time (vLLM's metrics.last_token_ts, log stats on),
+    sorted, from the first one; None when this vLLM does not give them."""
+    done = [getattr(getattr(o, "metrics", None), "last_token_ts", None) for o in outputs]
+    if not all(done):
+        return None
+    return [t - min(done) for t in sorted(done)]
 
 
 def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: bool, n_images: int,
@@ -244,7 +251,9 @@ def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: 
     engine = EngineConfig(engine="vllm", model=str(model), max_model_len=MAX_MODEL_LEN,
                           sampling=SamplingConfig(max_tokens=MAX_TOKENS_FIXED if fixed else MAX_TOKENS,
                                                   ignore_eos=fixed),
-                          engine_kwargs={"enforce_eager": True})
+                          # log stats on, as in the baseline, which needs them for its finish times:
+                          # they cost an LLM.generate 4-13% here (docs/benchmarks.md, sixth session)
+                          engine_kwargs={"enforce_eager": True, "disable_log_stats": False})
     cfg = describe.DescribeConfig(workdir=workdir, engine=engine, views=views, media=STAGE_MEDIA,
                                   ingest=IngestConfig(input=image_dir, workdir=workdir), progress=False,
                                   executor=STAGE_ROUTES[route],
@@ -261,7 +270,7 @@ def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: 
     return {"route": route, "startup_s": report.startup_s, "wall_s": report.wall_s, "rows": report.rows_written,
             "first_batch_rows": report.first_batch_rows, "rows_per_s": report.rows_per_s,
             "batch_size": cfg.batch_size, "lengths": percentiles(lengths),
-            "engine_queue": engine_queue_of(report),
+            "engine_queue": [report.engine_queue_at(0.1), report.engine_queue_at(0.5)],
             **route_cpu(timeline.window(t0 + report.startup_s, t0 + report.last_rows_s),
                         report.rows_written - report.first_batch_rows)}
 
@@ -412,9 +421,9 @@ def engine_table(results: dict) -> list[str]:
              f"start; stage: `describe.run()` on a private local Ray (and with `executor=\"local\"`), steady "
              f"rows/s from its first results to its last "
              f"(`report.rows_per_s`). **stage/baseline is like for like**: the baseline's rate counted the "
-             f"same way from its per-request finish times (rows after as many as the stage's first results, "
-             f"over the time from them to the last; timed through `LLM.generate`'s progress-bar hook, with "
-             f"vLLM's log stats off in both routes, as vLLM's defaults have them); in brackets the stage against "
+             f"same way from vLLM's per-request finish times (rows after as many as the stage's first results, "
+             f"over the time from them to the last; vLLM's log stats on in both routes: the baseline needs "
+             f"them for its finish times, and they cost it 4-13%); in brackets the stage against "
              f"the baseline's whole generate() (rows/s column), which includes generate()'s up-front processing "
              f"of every input and so flatters the stage. CPU outside vLLM's engine: the route's CPU seconds "
              f"over the same window (the whole generate() for the baseline), less those of vLLM's EngineCore "
@@ -435,7 +444,8 @@ def engine_table(results: dict) -> list[str]:
         ln = run["lengths"]
         foreign, outside, worker = (run.get(k) for k in ("foreign_cpu_share", "route_cpu_ms_per_row",
                                                            "model_worker_cores"))
-        held = engine_queue_cell(run)
+        held = run.get("engine_queue") or [None, None]
+        held = "all" if run["route"] == "baseline" else "-" if held[0] is None else f"{held[0]} / {held[1]}"
         ratio = ""
         key = f"{run['case']}/{run['route']}"
         if run["route"] in STAGE_ROUTES:

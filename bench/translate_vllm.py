@@ -17,8 +17,8 @@ process, alternated per repeat:
 Three ratios per stage run:
 - like for like (the one in bold): the stage's steady rate (`report.rows_per_s`: rows after its
   first results over the time from them to its last results) against the baseline's rate counted
-  the same way, from its per-request finish times (recorded through `LLM.generate`'s progress-bar
-  hook, bench.common.FinishClock; vLLM's log stats off in both routes): rows after as many requests as the stage's first results, over the time from them
+  the same way, from vLLM's per-request finish times (`metrics.last_token_ts`, log stats on in
+  both routes): rows after as many requests as the stage's first results, over the time from them
   to the last. That formula flatters any route whose first results come late while many requests
   are in flight (rows finished before count as after them: 1.9x on the baseline at 1000 strings
   with 64-string first results here); the same formula on both sides cancels it.
@@ -45,9 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
-from bench.common import (FinishClock, Timeline, add_run_args, engine_queue_cell, engine_queue_of, finish, lengths_cell, percentiles, ratio_lines, ratios_to_baseline,  # noqa: E402
+from bench.common import (Timeline, add_run_args, finish, lengths_cell, percentiles, ratio_lines, ratios_to_baseline,  # noqa: E402
                           results_header, run_rounds, same_tokens, steady_as_stage)
-from bench.describe import scale_eos  # noqa: E402
+from bench.describe import finish_times, scale_eos  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 from bench.translate import specific_captions, write_lines  # noqa: E402
 
@@ -103,20 +103,19 @@ def run_baseline(args: argparse.Namespace) -> dict:
         add_generation_prompt=True, tokenize=False, enable_thinking=False) for t in texts]
     fixed = args.case == "fixed32"
     t0 = time.perf_counter()
-    # vLLM's defaults (log stats off); the finishes are timed by its own progress-bar hook
-    llm = vllm.LLM(model=str(model), enforce_eager=True, max_model_len=MAX_MODEL_LEN, seed=0)
+    # log stats on: each output then carries its engine-side finish time (metrics.last_token_ts)
+    llm = vllm.LLM(model=str(model), enforce_eager=True, max_model_len=MAX_MODEL_LEN, disable_log_stats=False, seed=0)
     startup_s = time.perf_counter() - t0
     params = vllm.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=FIXED_TOKENS if fixed else MAX_TOKENS,
                                  seed=0, repetition_penalty=1.0, ignore_eos=fixed)
-    clock = FinishClock()
     with Timeline() as timeline:
         t1 = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=clock.bar)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
         t2 = time.perf_counter()
     lengths = [len(o.outputs[0].token_ids) for o in outputs]
     return {"route": "baseline", "startup_s": startup_s, "wall_s": t2 - t1, "rows": len(outputs),
             "rows_per_s": len(outputs) / (t2 - t1), "end_to_end_rows_per_s": len(outputs) / (t2 - t0),
-            "finish_s": clock.finish_s(),
+            "finish_s": finish_times(outputs),
             "lengths": percentiles(lengths), **timeline.window(t1, t2)}
 
 
@@ -131,7 +130,7 @@ def run_stage(args: argparse.Namespace, executor: str) -> dict:
     fixed = args.case == "fixed32"
     engine = EngineConfig(engine="vllm", model=str(model_for(args, args.case)), max_model_len=MAX_MODEL_LEN,
                           sampling=SamplingConfig(max_tokens=FIXED_TOKENS if fixed else MAX_TOKENS, ignore_eos=fixed),
-                          engine_kwargs={"enforce_eager": True})   # vLLM's defaults, as in the baseline
+                          engine_kwargs={"enforce_eager": True, "disable_log_stats": False})   # as the baseline
     cfg = translate.TranslateConfig(workdir=workdir, targets=(TARGET,), engine=engine, source_lang=SOURCE,
                                     captions=captions_file(args), executor=executor, progress=False)
     with Timeline() as timeline:
@@ -145,7 +144,7 @@ def run_stage(args: argparse.Namespace, executor: str) -> dict:
             "rows_per_s": report.rows_per_s, "end_to_end_rows_per_s": report.rows_written / report.wall_s,
             "wall_s": report.wall_s, "startup_s": report.startup_s,
             "first_batch_rows": report.first_batch_rows, "output_tokens_report": report.output_tokens,
-            "engine_queue": engine_queue_of(report),
+            "engine_queue": [report.engine_queue_at(0.1), report.engine_queue_at(0.5)],
             "lengths": percentiles(table.column("output_tokens").to_pylist()),
             **timeline.window(t0 + report.startup_s, t0 + report.last_rows_s)}   # the rate's window
 
@@ -195,8 +194,8 @@ def markdown(results: dict) -> str:
              f"timed after engine start (its generate() rate is the first rows/s column). Stage: `translate.run()`, "
              f"its steady rows/s after its first results (`report.rows_per_s`). Baseline counted alike: the "
              f"baseline's rate counted the same way (rows after as many requests as the stage's first results, to "
-             f"the last, from its per-request "
-             f"finish times, recorded through `LLM.generate`'s progress-bar hook; log stats off in both routes), so that the formula's bias (requests finished before the first results count as "
+             f"the last, from vLLM's per-request "
+             f"finish times), so that the formula's bias (requests finished before the first results count as "
              f"after them) cancels: stage/baseline is steady against steady; in brackets, the stage's steady rate "
              f"against the baseline's generate() rate. End to end: rows over the time from `LLM()` to the end of "
              f"generate() against rows over the stage's whole run (Ray, actor and engine start-up included: "
@@ -214,7 +213,8 @@ def markdown(results: dict) -> str:
                 f"({run['ratio_generate']:.2f})"
         steady = run.get("baseline_steady_rows_per_s")
         end_to_end = f"{run['ratio_end_to_end']:.2f}" if "ratio_end_to_end" in run else ""
-        held = engine_queue_cell(run)
+        held = run.get("engine_queue") or [None, None]
+        held = "all" if run["route"] == "baseline" else "-" if held[0] is None else f"{held[0]} / {held[1]}"
         lines.append(f"| {CASES[run['case']]} | {run['round']} | {ROUTE_LABELS[run['route']]} | {run['rows']} | "
                      f"{lengths_cell(run['lengths'])} | {run.get('foreign_cpu_share', 0):.0%} | "
                      f"{run.get('own_cpu_cores', 0):.2f} | {held} | {run['startup_s']:.1f} | {run['rows_per_s']:.1f} | "
