@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -146,6 +147,17 @@ def run_child(script: Path, args: list[str], result_path: Path, timeout_s: float
     result = json.loads(result_path.read_text())
     result["process_wall_s"] = time.perf_counter() - t0
     return result
+
+
+def engine_queue_of(report: Any) -> list[int | None]:
+    """A stage report's engine queue (10th percentile, median) for a run's JSON."""
+    return [report.engine_queue_at(0.1), report.engine_queue_at(0.5)]
+
+
+def engine_queue_cell(run: dict) -> str:
+    """The table cell: "all" for the baseline (every request handed over at once)."""
+    held = run.get("engine_queue") or [None, None]
+    return "all" if run["route"] == "baseline" else "-" if held[0] is None else f"{held[0]} / {held[1]}"
 
 
 def steady_as_stage(finish_s: list[float] | None, first_rows: int) -> float | None:

@@ -40,7 +40,8 @@ for _key, _value in {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1",
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from bench.common import Timeline, percentiles, steady_as_stage, tree_cpu_s  # noqa: E402
+from bench.common import (Timeline, engine_queue_cell, engine_queue_of, percentiles, steady_as_stage,  # noqa: E402
+                          tree_cpu_s)
 from pipelines.media import MediaConfig, load_image, load_video, target_size  # noqa: E402
 
 PROMPT = "Describe this {media} in detail."
@@ -270,7 +271,7 @@ def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: 
     return {"route": route, "startup_s": report.startup_s, "wall_s": report.wall_s, "rows": report.rows_written,
             "first_batch_rows": report.first_batch_rows, "rows_per_s": report.rows_per_s,
             "batch_size": cfg.batch_size, "lengths": percentiles(lengths),
-            "engine_queue": [report.engine_queue_at(0.1), report.engine_queue_at(0.5)],
+            "engine_queue": engine_queue_of(report),
             **route_cpu(timeline.window(t0 + report.startup_s, t0 + report.last_rows_s),
                         report.rows_written - report.first_batch_rows)}
 
@@ -444,8 +445,7 @@ def engine_table(results: dict) -> list[str]:
         ln = run["lengths"]
         foreign, outside, worker = (run.get(k) for k in ("foreign_cpu_share", "route_cpu_ms_per_row",
                                                            "model_worker_cores"))
-        held = run.get("engine_queue") or [None, None]
-        held = "all" if run["route"] == "baseline" else "-" if held[0] is None else f"{held[0]} / {held[1]}"
+        held = engine_queue_cell(run)
         ratio = ""
         key = f"{run['case']}/{run['route']}"
         if run["route"] in STAGE_ROUTES:

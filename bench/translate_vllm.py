@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
-from bench.common import (Timeline, add_run_args, finish, lengths_cell, percentiles, ratio_lines, ratios_to_baseline,  # noqa: E402
+from bench.common import (Timeline, add_run_args, engine_queue_cell, engine_queue_of, finish, lengths_cell, percentiles, ratio_lines, ratios_to_baseline,  # noqa: E402
                           results_header, run_rounds, same_tokens, steady_as_stage)
 from bench.describe import finish_times, scale_eos  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
@@ -144,7 +144,7 @@ def run_stage(args: argparse.Namespace, executor: str) -> dict:
             "rows_per_s": report.rows_per_s, "end_to_end_rows_per_s": report.rows_written / report.wall_s,
             "wall_s": report.wall_s, "startup_s": report.startup_s,
             "first_batch_rows": report.first_batch_rows, "output_tokens_report": report.output_tokens,
-            "engine_queue": [report.engine_queue_at(0.1), report.engine_queue_at(0.5)],
+            "engine_queue": engine_queue_of(report),
             "lengths": percentiles(table.column("output_tokens").to_pylist()),
             **timeline.window(t0 + report.startup_s, t0 + report.last_rows_s)}   # the rate's window
 
@@ -213,8 +213,7 @@ def markdown(results: dict) -> str:
                 f"({run['ratio_generate']:.2f})"
         steady = run.get("baseline_steady_rows_per_s")
         end_to_end = f"{run['ratio_end_to_end']:.2f}" if "ratio_end_to_end" in run else ""
-        held = run.get("engine_queue") or [None, None]
-        held = "all" if run["route"] == "baseline" else "-" if held[0] is None else f"{held[0]} / {held[1]}"
+        held = engine_queue_cell(run)
         lines.append(f"| {CASES[run['case']]} | {run['round']} | {ROUTE_LABELS[run['route']]} | {run['rows']} | "
                      f"{lengths_cell(run['lengths'])} | {run.get('foreign_cpu_share', 0):.0%} | "
                      f"{run.get('own_cpu_cores', 0):.2f} | {held} | {run['startup_s']:.1f} | {run['rows_per_s']:.1f} | "
