@@ -1,0 +1,241 @@
+"""How to feed vLLM continuously, measured without the pipeline around it: the stage's engine
+(`StreamingLLM`: vLLM's AsyncLLM, a request per coroutine) against vLLM's other streaming API
+(`LLMEngine.add_request` plus a `step()` loop) and against one `LLM.generate` over everything.
+
+    .venv/bin/python bench/engine_loop.py [--captions 4000] [--images 1536] [--repeats 2]
+        [--cases text,images] [--routes baseline,asyncllm,step] [--quick] [--no-docs]
+
+The issue that asked for a streaming engine named both APIs; this is the measurement behind the
+choice. The two streaming routes keep the same window as the stage (twice vLLM's max_num_seqs
+requests in flight; a new one as soon as one finishes), in the process that also collects the
+results, with nothing else running: no loading, no writing, no Ray. Inputs are ready before the
+clock starts in all three routes. Cases: `text`, translate's prompts (bench/translate_vllm.py:
+N distinct captions, tiny Qwen2 chat with EOS scaled, max_tokens 256); `images`, describe's
+(bench/describe.py: N JPEGs loaded with `load_image` at <= 224*224, one view, tiny Qwen2-VL with
+EOS scaled, max_tokens 256). Same model, prompts, greedy sampling, `enforce_eager`, vLLM's
+offline scheduler sizes and log stats off in every route; each run in a fresh process. Rate: rows
+over the time from the first request handed to vLLM to the last result (the whole generate()
+call for the baseline). CPU per process over the same time: the front end (this process: input
+processing, detokenizing, the route's loop), vLLM's EngineCore (scheduler; it polls while the
+model runs, so it takes what the others leave) and the model worker. Greedy: every route must
+produce the same output tokens.
+
+Results: a table on stdout, the "engine loop" section of docs/benchmarks.md and the raw numbers in
+<out>/engine-loop-results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, wait
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
+
+from bench import describe as describe_bench  # noqa: E402
+from bench import translate_vllm  # noqa: E402
+from bench.common import (Timeline, add_run_args, finish, lengths_cell, percentiles, ratio_lines,  # noqa: E402
+                          ratios_to_baseline, results_header, run_rounds, same_tokens)
+from bench.docs_section import replace_section  # noqa: E402
+from bench.translate import specific_captions, write_lines  # noqa: E402
+
+CASES = {"text": "text (translate's prompts)", "images": "images, 1 view (describe's prompts)"}
+ROUTES = ("baseline", "asyncllm", "step")
+ROUTE_LABELS = {"baseline": "one `LLM.generate`", "asyncllm": "AsyncLLM, a window (the stage's `StreamingLLM`)",
+                "step": "`LLMEngine.add_request` + `step()`, a window"}
+MAX_TOKENS = 256
+MAX_MODEL_LEN = 1024
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--captions", type=int, default=4000, help="distinct strings in the text case")
+    parser.add_argument("--images", type=int, default=1536, help="JPEGs in the images case")
+    add_run_args(parser, CASES, ROUTES, ROOT / "bench" / "out")
+    args = parser.parse_args()
+    args.eos_norm = translate_vllm.EOS_NORM   # translate_vllm.model_for reads it
+    if args.quick:   # a smoke run: a few minutes
+        args.captions, args.images, args.cases, args.no_docs = 128, 64, "text,images", True
+    return args
+
+
+# --------------------------------------------------------------------------- inputs
+
+def text_inputs(args: argparse.Namespace) -> tuple[Path, list]:
+    import transformers
+
+    from pipelines.mt_engines import chat
+    model = translate_vllm.model_for(args, "variable")
+    texts = sorted(translate_vllm.captions_file(args).read_text(encoding="utf-8").splitlines(), key=len)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model))
+    return model, [tokenizer.apply_chat_template(
+        [{"role": "user", "content": chat.render(chat.DEFAULT_PROMPT, t, translate_vllm.SOURCE, translate_vllm.TARGET)}],
+        add_generation_prompt=True, tokenize=False, enable_thinking=False) for t in texts]
+
+
+def image_inputs(args: argparse.Namespace) -> tuple[Path, list]:
+    import transformers
+
+    from pipelines.engines.base import chat_content
+    from pipelines.media import load_image
+    model = describe_bench.build_model(args.out.resolve(), describe_bench.EOS_NORM)
+    processor = transformers.AutoProcessor.from_pretrained(str(model))
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": chat_content(describe_bench.PROMPT.format(media="image"), "image", 1, True)}],
+        add_generation_prompt=True, tokenize=False)
+    images = sorted((args.out.resolve() / f"images-{args.images}").glob("*.jpg"))
+    return model, [{"prompt": text, "multi_modal_data": {"image": load_image(p, describe_bench.STAGE_MEDIA).pixels}}
+                   for p in images]
+
+
+# --------------------------------------------------------------------------- routes (child processes)
+
+def engine_keywords(model: Path) -> dict:
+    # log stats off (vLLM's default for LLM; the stage's too) in every route
+    return {"model": str(model), "enforce_eager": True, "max_model_len": MAX_MODEL_LEN, "seed": 0,
+            "disable_log_stats": True, "limit_mm_per_prompt": {"image": 1, "video": 1}}
+
+
+def sampling(**extra):
+    import vllm
+    return vllm.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=MAX_TOKENS, seed=0, **extra)
+
+
+def run_baseline(model: Path, inputs: list) -> tuple[list[int], float, float, object]:
+    import vllm
+    llm = vllm.LLM(**engine_keywords(model))
+    t0 = time.perf_counter()
+    outputs = llm.generate(inputs, sampling(), use_tqdm=False)
+    t1 = time.perf_counter()
+    llm.llm_engine.engine_core.shutdown()
+    return [len(o.outputs[0].token_ids) for o in outputs], t0, t1, None
+
+
+def run_asyncllm(model: Path, inputs: list) -> tuple[list[int], float, float, object]:
+    """The stage's engine, fed as its runner feeds it: a window of requests, refilled as each finishes."""
+    from pipelines.engines.base import EngineConfig, SamplingConfig
+    from pipelines.engines.vllm_engine import StreamingLLM
+    keywords = engine_keywords(model)
+    cfg = EngineConfig(engine="vllm", model=keywords.pop("model"), max_model_len=keywords.pop("max_model_len"),
+                       sampling=SamplingConfig(max_tokens=MAX_TOKENS), engine_kwargs=keywords)
+    llm = StreamingLLM(cfg)
+    llm.start()
+    window, lengths = 2 * llm.max_num_seqs, []
+    pending = iter(inputs)
+    t0 = time.perf_counter()
+    live = {llm.submit(x) for x in itertools.islice(pending, window)}
+    while live:
+        done, live = wait(live, return_when=FIRST_COMPLETED)
+        lengths += [future.result().output_tokens for future in done]
+        live |= {llm.submit(x) for x in itertools.islice(pending, len(done))}
+    t1 = time.perf_counter()
+    llm.close()
+    return lengths, t0, t1, window
+
+
+def run_step(model: Path, inputs: list) -> tuple[list[int], float, float, object]:
+    """vLLM's synchronous engine (what LLM.generate drives), fed through the same window: add
+    requests until the window is full, step, and add one for each that finished."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.llm_engine import LLMEngine
+    engine = LLMEngine.from_engine_args(EngineArgs(**engine_keywords(model)), usage_context=UsageContext.LLM_CLASS)
+    params = sampling(output_kind=RequestOutputKind.FINAL_ONLY)
+    window = 2 * engine.vllm_config.scheduler_config.max_num_seqs
+    pending, lengths, live = enumerate(inputs), [], 0
+    t0 = time.perf_counter()
+    while True:
+        for n, x in itertools.islice(pending, window - live):
+            engine.add_request(str(n), x, params)
+            live += 1
+        if not live:
+            break
+        for output in engine.step():
+            if output.finished:
+                live -= 1
+                lengths.append(len(output.outputs[0].token_ids))
+    t1 = time.perf_counter()
+    engine.engine_core.shutdown()
+    return lengths, t0, t1, window
+
+
+ROUTE_RUNNERS = {"baseline": run_baseline, "asyncllm": run_asyncllm, "step": run_step}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    import json
+    model, inputs = (text_inputs if args.case == "text" else image_inputs)(args)
+    with Timeline() as timeline:
+        lengths, t0, t1, window = ROUTE_RUNNERS[args.child](model, inputs)
+    if len(lengths) != len(inputs):
+        raise RuntimeError(f"{args.child}: {len(lengths)} results for {len(inputs)} requests")
+    cpu = timeline.window(t0, t1)
+    dt = cpu["window_s"]
+    engine_core = cpu["engine_cpu_s"] / dt - cpu["model_worker_cores"]
+    result = {"route": args.child, "case": args.case, "rows": len(lengths), "wall_s": t1 - t0,
+              "rows_per_s": len(lengths) / (t1 - t0), "window": window, "lengths": percentiles(lengths),
+              "front_end_cores": cpu["own_cpu_cores"] - cpu["engine_cpu_s"] / dt, "engine_core_cores": engine_core,
+              "model_worker_cores": cpu["model_worker_cores"], "foreign_cpu_share": cpu["foreign_cpu_share"]}
+    args.child_out.write_text(json.dumps(result) + "\n")
+
+
+# --------------------------------------------------------------------------- parent
+
+def markdown(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}; vllm {results['versions']['vllm']}; code measured: "
+             f"{results.get('label') or '-'}. {results['captions']} distinct captions (text) and {results['images']} "
+             f"JPEGs, 1 view (images); tiny models with random weights and EOS scaled (variable lengths), greedy, "
+             f"max_tokens {MAX_TOKENS}, `enforce_eager`, log stats off, each run in a fresh process; inputs ready "
+             f"before the clock. Rows/s: rows over the time from the first request to the last result. CPU in "
+             f"cores over that time: the front end (the route's own process), vLLM's EngineCore and its model "
+             f"worker. Command: `{results['command']}`.", "",
+             "| case | round | route | window | requests | output tokens p10 / p50 / p90 / max (total) | others' CPU "
+             "| front end | EngineCore | model worker | rows/s | route/baseline |", "|" + "---|" * 12]
+    for run in results["runs"]:
+        ratio = f"**{run['ratio']:.2f}**" if "ratio" in run else ""
+        lines.append(f"| {CASES[run['case']]} | {run['round']} | {ROUTE_LABELS[run['route']]} | "
+                     f"{run['window'] or 'all'} | {run['rows']} | {lengths_cell(run['lengths'])} | "
+                     f"{run['foreign_cpu_share']:.0%} | {run['front_end_cores']:.2f} | {run['engine_core_cores']:.2f} | "
+                     f"{run['model_worker_cores']:.2f} | {run['rows_per_s']:.1f} | {ratio} |")
+    lines += ratio_lines(results, CASES, ROUTE_LABELS)
+    return "\n".join(lines).replace("Median stage/baseline (target >= 0.95)", "Median route/baseline") + "\n"
+
+
+def progress(run: dict) -> str:
+    return (f"{run['rows']} rows, {run['rows_per_s']:.1f} rows/s, front end {run['front_end_cores']:.2f} cores, "
+            f"others' CPU {run['foreign_cpu_share']:.0%}")
+
+
+def update_docs(section: str) -> None:
+    replace_section("engine_loop.py", "## describe and translate: feeding vLLM (AsyncLLM, step loop, one generate)\n\n"
+                    f"_Written by `bench/engine_loop.py`._\n\n{section}", after="<!-- bench/describe.py: end -->")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        child_main(args)
+        return
+    out = args.out.resolve()
+    cases = args.cases.split(",")
+    if "text" in cases:
+        write_lines(translate_vllm.captions_file(args), specific_captions(args.captions))
+        translate_vllm.model_for(args, "variable")   # built once here, not in two children at once
+    if "images" in cases:
+        describe_bench.make_images(out / f"images-{args.images}", args.images)
+        describe_bench.build_model(out, describe_bench.EOS_NORM)
+    results = results_header("bench/engine_loop.py", args, captions=args.captions, images=args.images)
+    child_args = ["--captions", str(args.captions), "--images", str(args.images), "--out", str(out)]
+    json_path = out / "engine-loop-results.json"
+    run_rounds(args, Path(__file__).resolve(), results, json_path, child_args, progress)
+    results["summary"], results["same_tokens"] = ratios_to_baseline(results["runs"]), same_tokens(results["runs"])
+    finish(results, json_path, markdown(results), update_docs, args.no_docs)
+
+
+if __name__ == "__main__":  # vLLM starts its engine process with spawn: it re-imports this file
+    main()
