@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import queue
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,13 +125,18 @@ def run_asyncllm(model: Path, inputs: list) -> tuple[list[int], float, float, ob
     llm = StreamingLLM(cfg)
     llm.start()
     window, lengths = 2 * llm.max_num_seqs, []
-    pending = iter(inputs)
+    pending, finished = iter(inputs), queue.SimpleQueue()
+
+    def submit(engine_input) -> None:
+        llm.submit(engine_input).add_done_callback(finished.put)
+
     t0 = time.perf_counter()
-    live = {llm.submit(x) for x in itertools.islice(pending, window)}
-    while live:
-        done, live = wait(live, return_when=FIRST_COMPLETED)
-        lengths += [future.result().output_tokens for future in done]
-        live |= {llm.submit(x) for x in itertools.islice(pending, len(done))}
+    for engine_input in itertools.islice(pending, window):
+        submit(engine_input)
+    for _ in inputs:
+        lengths.append(finished.get().result().output_tokens)
+        for engine_input in itertools.islice(pending, 1):
+            submit(engine_input)
     t1 = time.perf_counter()
     llm.close()
     return lengths, t0, t1, window
