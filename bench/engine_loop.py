@@ -218,7 +218,7 @@ def progress(run: dict) -> str:
 
 def update_docs(section: str) -> None:
     replace_section("engine_loop.py", "## describe and translate: feeding vLLM (AsyncLLM, step loop, one generate)\n\n"
-                    f"_Written by `bench/engine_loop.py`._\n\n{section}", after="<!-- bench/describe.py: end -->")
+                    f"_Written by `bench/engine_loop.py`._\n\n{section}", before="<!-- bench/ceiling.py: begin -->")
 
 
 def main() -> None:
