@@ -105,7 +105,7 @@ def sampling(**extra):
     return vllm.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=MAX_TOKENS, seed=0, **extra)
 
 
-def run_baseline(model: Path, inputs: list) -> tuple[list[int], float, float, object]:
+def run_baseline(model: Path, inputs: list) -> tuple[list[int], float, float, int | None]:
     import vllm
     llm = vllm.LLM(**engine_keywords(model))
     t0 = time.perf_counter()
@@ -115,7 +115,7 @@ def run_baseline(model: Path, inputs: list) -> tuple[list[int], float, float, ob
     return [len(o.outputs[0].token_ids) for o in outputs], t0, t1, None
 
 
-def run_asyncllm(model: Path, inputs: list) -> tuple[list[int], float, float, object]:
+def run_asyncllm(model: Path, inputs: list) -> tuple[list[int], float, float, int | None]:
     """The stage's engine, fed as its runner feeds it: a window of requests, refilled as each finishes."""
     from pipelines.engines.base import EngineConfig, SamplingConfig
     from pipelines.engines.vllm_engine import StreamingLLM
@@ -142,7 +142,7 @@ def run_asyncllm(model: Path, inputs: list) -> tuple[list[int], float, float, ob
     return lengths, t0, t1, window
 
 
-def run_step(model: Path, inputs: list) -> tuple[list[int], float, float, object]:
+def run_step(model: Path, inputs: list) -> tuple[list[int], float, float, int | None]:
     """vLLM's synchronous engine (what LLM.generate drives), fed through the same window: add
     requests until the window is full, step, and add one for each that finished."""
     from vllm.engine.arg_utils import EngineArgs
@@ -155,8 +155,8 @@ def run_step(model: Path, inputs: list) -> tuple[list[int], float, float, object
     pending, lengths, live = enumerate(inputs), [], 0
     t0 = time.perf_counter()
     while True:
-        for n, x in itertools.islice(pending, window - live):
-            engine.add_request(str(n), x, params)
+        for number, engine_input in itertools.islice(pending, window - live):
+            engine.add_request(str(number), engine_input, params)
             live += 1
         if not live:
             break
