@@ -174,30 +174,41 @@ def steady_as_stage(finish_s: list[float] | None, first_rows: int) -> float | No
 
 # --------------------------------------------------------------------------- the plain client
 
-async def _post_all(url: str, payloads: list[dict], concurrency: int, timeout_s: float) -> tuple[float, list]:
+async def _post_all(url: str, payloads: list[dict], concurrency: int, timeout_s: float) -> tuple[float, list, int]:
     """What a user would write: one httpx.AsyncClient, a semaphore of `concurrency`, one task
-    per request, all gathered. Returns (first send, [(answer time, completion tokens)])."""
+    per request, all gathered, and one resend of a request whose kept-alive connection the
+    server closed as it went out (httpx.ReadError / RemoteProtocolError: it ended a run of this
+    benchmark once). Returns (first send, [(answer time, completion tokens)], resends)."""
     import httpx
     slots = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    resends = 0
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        async def post(payload: dict):
+            nonlocal resends
+            try:
+                return await client.post(url, json=payload)
+            except (httpx.ReadError, httpx.RemoteProtocolError):
+                resends += 1
+                return await client.post(url, json=payload)
+
         async def one(payload: dict) -> tuple[float, int]:
             async with slots:
-                response = await client.post(url, json=payload)
+                response = await post(payload)
             response.raise_for_status()   # a failed request would make the timing meaningless
             return time.perf_counter(), int(response.json()["usage"]["completion_tokens"])
         t0 = time.perf_counter()
         answers = await asyncio.gather(*(one(p) for p in payloads))
-    return t0, list(answers)
+    return t0, list(answers), resends
 
 
 def plain_client_run(base_url: str, payloads: list[dict], concurrency: int, timeout_s: float = 600.0) -> dict:
     """Send every payload with the plain client: rows/s from the first send to the last answer
     (t_first_send, t_last_answer: perf_counter times, for the caller's CPU window)."""
     url = f"{base_url.rstrip('/')}/chat/completions"
-    t0, answers = asyncio.run(_post_all(url, payloads, concurrency, timeout_s))
+    t0, answers, resends = asyncio.run(_post_all(url, payloads, concurrency, timeout_s))
     t_last = max(t for t, _ in answers)
-    return {"route": "baseline", "rows": len(answers), "wall_s": t_last - t0,
+    return {"route": "baseline", "rows": len(answers), "resends": resends, "wall_s": t_last - t0,
             "rows_per_s": len(answers) / (t_last - t0),
             "t_first_send": t0, "t_last_answer": t_last, "answer_s": sorted(t - t0 for t, _ in answers),
             "lengths": percentiles([n for _, n in answers])}

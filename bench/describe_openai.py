@@ -274,7 +274,8 @@ def markdown(results: dict) -> str:
 def progress(run: dict) -> str:
     return (f"{run['rows']} rows, {run['rows_per_busy_s']:.1f} rows/s ({run['rows_per_s']:.1f} own measure), "
             f"tokens {lengths_cell(run['lengths'])}, at server {run['server_in_flight']:.1f}, "
-            f"others' CPU {run.get('foreign_cpu_share', 0):.0%}")
+            f"others' CPU {run.get('foreign_cpu_share', 0):.0%}"
+            + (f", {run['resends']} resent" if run.get("resends") else ""))
 
 
 def update_docs(section: str) -> None:
