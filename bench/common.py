@@ -276,10 +276,11 @@ def run_rounds(args, script: Path, results: dict, json_path: Path, child_args: l
                 json_path.write_text(json.dumps(results, indent=2) + "\n")
 
 
-def ratio_lines(results: dict, cases: dict, routes: dict, extra=lambda value: "") -> list[str]:
+def ratio_lines(results: dict, cases: dict, routes: dict, extra=lambda value: "",
+                title: str = "Median stage/baseline (target >= 0.95)") -> list[str]:
     """The summary under a table: median stage/baseline per case and route (with `extra(value)`
     after each), and the greedy sanity check on output tokens."""
-    return ["", "Median stage/baseline (target >= 0.95): " + "; ".join(
+    return ["", f"{title}: " + "; ".join(
         f"{cases[k.split('/')[0]]}, {routes[k.split('/')[1]]}: **{v['median']:.2f}**{extra(v)}"
         for k, v in results["summary"].items()) + ".", "",
         "Same output tokens in every route of a case (greedy): " + ", ".join(

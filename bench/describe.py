@@ -191,19 +191,25 @@ def scale_eos(base: Path, target: Path, eos_norm: float) -> Path:
 
 # --------------------------------------------------------------------------- the two routes (child processes)
 
-def run_baseline(model: Path, images: list[Path], prompts: list[str], fixed: bool) -> dict:
-    """vLLM's own best: one `LLM.generate` over every request (each image with each prompt, an
-    image's prompts next to each other, as the stage orders them), timed after engine start."""
+def image_requests(model: Path, images: list[Path], prompts: list[str]) -> list[dict]:
+    """vLLM requests for every image with every prompt (the model's chat template, the image
+    before the text, as the stage sends them), an image's prompts next to each other."""
     import transformers
-    import vllm
 
     from pipelines.engines.base import chat_content
-
     processor = transformers.AutoProcessor.from_pretrained(str(model))
     texts = [processor.apply_chat_template([{"role": "user", "content": chat_content(p, "image", 1, True)}],
                                            add_generation_prompt=True, tokenize=False) for p in prompts]
-    pixels = [load_image(p, STAGE_MEDIA).pixels for p in images]  # loaded before the clock starts
-    requests = [{"prompt": t, "multi_modal_data": {"image": px}} for px in pixels for t in texts]
+    pixels = [load_image(p, STAGE_MEDIA).pixels for p in images]
+    return [{"prompt": t, "multi_modal_data": {"image": px}} for px in pixels for t in texts]
+
+
+def run_baseline(model: Path, images: list[Path], prompts: list[str], fixed: bool) -> dict:
+    """vLLM's own best: one `LLM.generate` over every request (each image with each prompt, an
+    image's prompts next to each other, as the stage orders them), timed after engine start."""
+    import vllm
+
+    requests = image_requests(model, images, prompts)   # loaded before the clock starts
     t0 = time.perf_counter()
     # log stats on: each output then carries its engine-side finish time (metrics.last_token_ts)
     llm = vllm.LLM(model=str(model), enforce_eager=True, max_model_len=MAX_MODEL_LEN, disable_log_stats=False,

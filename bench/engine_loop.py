@@ -3,7 +3,7 @@
 (`LLMEngine.add_request` plus a `step()` loop) and against one `LLM.generate` over everything.
 
     .venv/bin/python bench/engine_loop.py [--captions 4000] [--images 1536] [--repeats 2]
-        [--cases text,images] [--routes baseline,asyncllm,step] [--quick] [--no-docs]
+        [--cases text,images,images-5views] [--routes baseline,asyncllm,step] [--quick] [--no-docs]
 
 The issue that asked for a streaming engine named both APIs; this is the measurement behind the
 choice. The two streaming routes keep the same window as the stage (twice vLLM's max_num_seqs
@@ -12,7 +12,8 @@ results, with nothing else running: no loading, no writing, no Ray. Inputs are r
 clock starts in all three routes. Cases: `text`, translate's prompts (bench/translate_vllm.py:
 N distinct captions, tiny Qwen2 chat with EOS scaled, max_tokens 256); `images`, describe's
 (bench/describe.py: N JPEGs loaded with `load_image` at <= 224*224, one view, tiny Qwen2-VL with
-EOS scaled, max_tokens 256). Same model, prompts, greedy sampling, `enforce_eager`, vLLM's
+EOS scaled, max_tokens 256); `images-5views`, the same with the stage's five default views, an
+image's views next to each other. Same model, prompts, greedy sampling, `enforce_eager`, vLLM's
 offline scheduler sizes and log stats off in every route; each run in a fresh process. Rate: rows
 over the time from the first request handed to vLLM to the last result (the whole generate()
 call for the baseline). CPU per process over the same time: the front end (this process: input
@@ -43,7 +44,8 @@ from bench.common import (Timeline, add_run_args, finish, lengths_cell, percenti
 from bench.docs_section import replace_section  # noqa: E402
 from bench.translate import specific_captions, write_lines  # noqa: E402
 
-CASES = {"text": "text (translate's prompts)", "images": "images, 1 view (describe's prompts)"}
+CASES = {"text": "text (translate's prompts)", "images": "images, 1 view (describe's prompts)",
+         "images-5views": "images, 5 views (describe's default views)"}
 ROUTES = ("baseline", "asyncllm", "step")
 ROUTE_LABELS = {"baseline": "one `LLM.generate`", "asyncllm": "AsyncLLM, a window (the stage's `StreamingLLM`)",
                 "step": "`LLMEngine.add_request` + `step()`, a window"}
@@ -59,37 +61,27 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.eos_norm = translate_vllm.EOS_NORM   # translate_vllm.model_for reads it
     if args.quick:   # a smoke run: a few minutes
-        args.captions, args.images, args.cases, args.no_docs = 128, 64, "text,images", True
+        args.captions, args.images, args.cases, args.no_docs = 128, 64, "text,images,images-5views", True
     return args
 
 
 # --------------------------------------------------------------------------- inputs
 
-def text_inputs(args: argparse.Namespace) -> tuple[Path, list]:
-    import transformers
-
-    from pipelines.mt_engines import chat
-    model = translate_vllm.model_for(args, "variable")
-    texts = sorted(translate_vllm.captions_file(args).read_text(encoding="utf-8").splitlines(), key=len)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model))
-    return model, [tokenizer.apply_chat_template(
-        [{"role": "user", "content": chat.render(chat.DEFAULT_PROMPT, t, translate_vllm.SOURCE, translate_vllm.TARGET)}],
-        add_generation_prompt=True, tokenize=False, enable_thinking=False) for t in texts]
-
-
-def image_inputs(args: argparse.Namespace) -> tuple[Path, list]:
-    import transformers
-
-    from pipelines.engines.base import chat_content
-    from pipelines.media import load_image
+def inputs_for(args: argparse.Namespace) -> tuple[Path, list]:
+    """The model and requests of a case, exactly as bench/translate_vllm.py and bench/describe.py
+    build their baselines' requests."""
+    if args.case == "text":
+        model = translate_vllm.model_for(args, "variable")
+        return model, translate_vllm.stage_prompts(args, model)
     model = describe_bench.build_model(args.out.resolve(), describe_bench.EOS_NORM)
-    processor = transformers.AutoProcessor.from_pretrained(str(model))
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": chat_content(describe_bench.PROMPT.format(media="image"), "image", 1, True)}],
-        add_generation_prompt=True, tokenize=False)
     images = sorted((args.out.resolve() / f"images-{args.images}").glob("*.jpg"))
-    return model, [{"prompt": text, "multi_modal_data": {"image": load_image(p, describe_bench.STAGE_MEDIA).pixels}}
-                   for p in images]
+    return model, describe_bench.image_requests(model, images, [v.prompt_for("image") for v in image_views(args.case)])
+
+
+def image_views(case: str) -> tuple:
+    """bench/describe.py's views: one detailed prompt, or the stage's five default views."""
+    from pipelines.describe import DEFAULT_VIEWS, View
+    return DEFAULT_VIEWS if case == "images-5views" else (View("detailed", describe_bench.PROMPT),)
 
 
 # --------------------------------------------------------------------------- routes (child processes)
@@ -174,7 +166,7 @@ ROUTE_RUNNERS = {"baseline": run_baseline, "asyncllm": run_asyncllm, "step": run
 
 def child_main(args: argparse.Namespace) -> None:
     import json
-    model, inputs = (text_inputs if args.case == "text" else image_inputs)(args)
+    model, inputs = inputs_for(args)
     with Timeline() as timeline:
         lengths, t0, t1, window = ROUTE_RUNNERS[args.child](model, inputs)
     if len(lengths) != len(inputs):
@@ -194,7 +186,7 @@ def child_main(args: argparse.Namespace) -> None:
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}; vllm {results['versions']['vllm']}; code measured: "
              f"{results.get('label') or '-'}. {results['captions']} distinct captions (text) and {results['images']} "
-             f"JPEGs, 1 view (images); tiny models with random weights and EOS scaled (variable lengths), greedy, "
+             f"JPEGs (images: 1 view; images-5views: the stage's 5 default views); tiny models with random weights and EOS scaled (variable lengths), greedy, "
              f"max_tokens {MAX_TOKENS}, `enforce_eager`, log stats off, each run in a fresh process; inputs ready "
              f"before the clock. Rows/s: rows over the time from the first request to the last result. CPU in "
              f"cores over that time: the front end (the route's own process), vLLM's EngineCore and its model "
@@ -207,8 +199,8 @@ def markdown(results: dict) -> str:
                      f"{run['window'] or 'all'} | {run['rows']} | {lengths_cell(run['lengths'])} | "
                      f"{run['foreign_cpu_share']:.0%} | {run['front_end_cores']:.2f} | {run['engine_core_cores']:.2f} | "
                      f"{run['model_worker_cores']:.2f} | {run['rows_per_s']:.1f} | {ratio} |")
-    lines += ratio_lines(results, CASES, ROUTE_LABELS)
-    return "\n".join(lines).replace("Median stage/baseline (target >= 0.95)", "Median route/baseline") + "\n"
+    lines += ratio_lines(results, CASES, ROUTE_LABELS, title="Median route/baseline")
+    return "\n".join(lines) + "\n"
 
 
 def progress(run: dict) -> str:
@@ -231,7 +223,7 @@ def main() -> None:
     if "text" in cases:
         write_lines(translate_vllm.captions_file(args), specific_captions(args.captions))
         translate_vllm.model_for(args, "variable")   # built once here, not in two children at once
-    if "images" in cases:
+    if "images" in cases or "images-5views" in cases:
         describe_bench.make_images(out / f"images-{args.images}", args.images)
         describe_bench.build_model(out, describe_bench.EOS_NORM)
     results = results_header("bench/engine_loop.py", args, captions=args.captions, images=args.images)

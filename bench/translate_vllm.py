@@ -88,19 +88,25 @@ def captions_file(args: argparse.Namespace) -> Path:
 
 # --------------------------------------------------------------------------- routes (child processes)
 
-def run_baseline(args: argparse.Namespace) -> dict:
-    """One LLM.generate over every distinct string with the stage's prompt, timed after engine start."""
+def stage_prompts(args: argparse.Namespace, model: Path) -> list[str]:
+    """Every distinct string in the stage's chat prompt (its default template through the model's
+    chat template), sorted by length as the stage batches them."""
     import transformers
-    import vllm
 
     from pipelines.mt_engines import chat
-
-    model = model_for(args, args.case)
-    texts = sorted(captions_file(args).read_text(encoding="utf-8").splitlines(), key=len)   # as the stage batches
+    texts = sorted(captions_file(args).read_text(encoding="utf-8").splitlines(), key=len)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model))
-    prompts = [tokenizer.apply_chat_template(
+    return [tokenizer.apply_chat_template(
         [{"role": "user", "content": chat.render(chat.DEFAULT_PROMPT, t, SOURCE, TARGET)}],
         add_generation_prompt=True, tokenize=False, enable_thinking=False) for t in texts]
+
+
+def run_baseline(args: argparse.Namespace) -> dict:
+    """One LLM.generate over every distinct string with the stage's prompt, timed after engine start."""
+    import vllm
+
+    model = model_for(args, args.case)
+    prompts = stage_prompts(args, model)
     fixed = args.case == "fixed32"
     t0 = time.perf_counter()
     # log stats on: each output then carries its engine-side finish time (metrics.last_token_ts)
