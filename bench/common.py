@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -301,3 +302,61 @@ def results_header(script: str, args, **fields) -> dict:
     from bench.describe import machine
     return {"machine": machine(), "versions": {"vllm": vllm.__version__, "ray": ray.__version__},
             "command": " ".join([script, *sys.argv[1:]]), "label": args.label, **fields, "runs": []}
+
+
+# --------------------------------------------------------------------------- device-bound emulation
+
+DEVICE_PAD_LAYERS = 14   # zero-output decoder layers added to the tiny model (2 layers -> 16)
+DEVICE_BOUND_HELP = ("emulate a GPU node: vLLM's model worker alone on one core, with "
+                     f"{DEVICE_PAD_LAYERS} zero-output layers added to the model so that its forward passes are "
+                     "the bottleneck, and every other process (vLLM's front end and EngineCore, Ray, the stage) "
+                     "on the other cores; results go to their own section")
+
+
+def pin_device_core() -> dict:
+    """The device-bound emulation's affinity. On a GPU node the forward passes run on the GPU, and
+    the host's cores do the rest; here vLLM's model worker gets the last core to itself
+    (VLLM_CPU_OMP_THREADS_BIND) and this process the others. Call it first in a child process:
+    vLLM's engine processes, Ray and the stage's workers inherit both."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--device-bound needs at least two cores")
+    device, host = cpus[-1], set(cpus[:-1])
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(device)
+    os.sched_setaffinity(0, host)
+    return {"device_cpu": device, "host_cpus": sorted(host)}
+
+
+def pad_layers(base: Path, extra: int = DEVICE_PAD_LAYERS) -> Path:
+    """A copy of the model folder `base` with `extra` decoder layers appended whose attention and
+    MLP outputs are zero (o_proj and down_proj zero), so each adds to the residual stream exactly
+    nothing: the model computes what `base` computes, with more work per step for the model
+    worker (the emulated GPU). Built once next to `base`; reused when it exists."""
+    target = base.with_name(f"{base.name}-pad{extra}")
+    if (target / "model.safetensors").exists():
+        return target
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((base / "config.json").read_text())
+    text = config.get("text_config", config)
+    tensors = load_file(str(base / "model.safetensors"))
+    first = next(k for k in tensors if ".layers.0." in k)   # the language model's (vision towers have blocks)
+    prefix = first.split(".layers.0.")[0] + ".layers."
+    layer0 = {k[len(prefix) + 2:]: v for k, v in tensors.items() if k.startswith(prefix + "0.")}
+    n = text["num_hidden_layers"]
+    for i in range(n, n + extra):
+        for name, value in layer0.items():
+            silent = name.startswith(("self_attn.o_proj.", "mlp.down_proj."))
+            tensors[f"{prefix}{i}.{name}"] = torch.zeros_like(value) if silent else value.clone()
+    text["num_hidden_layers"] = n + extra
+    if "layer_types" in text:
+        text["layer_types"] = text["layer_types"] + [text["layer_types"][0]] * extra
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target

@@ -40,8 +40,9 @@ for _key, _value in {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1",
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from bench.common import (Timeline, engine_queue_cell, engine_queue_of, percentiles, steady_as_stage,  # noqa: E402
-                          tree_cpu_s)
+from bench.common import (DEVICE_BOUND_HELP, DEVICE_PAD_LAYERS, Timeline, engine_queue_cell, engine_queue_of, pad_layers,  # noqa: E402
+                          percentiles, pin_device_core, steady_as_stage, tree_cpu_s)
+from bench.docs_section import replace_section  # noqa: E402
 from pipelines.media import MediaConfig, load_image, load_video, target_size  # noqa: E402
 
 PROMPT = "Describe this {media} in detail."
@@ -82,6 +83,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-engine", action="store_true", help="only the load-rate part")
     parser.add_argument("--skip-load", action="store_true", help="only the engine part (keeps the old load table)")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--device-bound", action="store_true", help=DEVICE_BOUND_HELP + " (engine part only)")
     parser.add_argument("--label", default="", help="a note for this run (e.g. the commit measured)")
     parser.add_argument("--routes", default="stage,stage-local",
                         help="stage routes run after each baseline: stage (Ray), stage-local (executor local)")
@@ -157,14 +159,15 @@ def make_panorama(width: int, height: int, seed: int = 1) -> Image.Image:
     return image
 
 
-def build_model(out: Path, eos_norm: float | None = None) -> Path:
+def build_model(out: Path, eos_norm: float | None = None, device_bound: bool = False) -> Path:
     """The tiny Qwen2-VL; with eos_norm, a copy whose lm_head row of the EOS token is scaled to
-    that norm, so that greedy decoding stops at input-dependent steps (variable output length)."""
+    that norm, so that greedy decoding stops at input-dependent steps (variable output length);
+    device_bound: with zero-output layers added (bench/common.py `pad_layers`)."""
     from pipelines.tiny_models import build_tiny_qwen2_vl
-    base = build_tiny_qwen2_vl(out / "tiny-qwen2-vl")
-    if eos_norm is None:
-        return base
-    return scale_eos(base, out / f"tiny-qwen2-vl-eos{eos_norm:g}", eos_norm)
+    model = build_tiny_qwen2_vl(out / "tiny-qwen2-vl")
+    if eos_norm is not None:
+        model = scale_eos(model, out / f"tiny-qwen2-vl-eos{eos_norm:g}", eos_norm)
+    return pad_layers(model) if device_bound else model
 
 
 def scale_eos(base: Path, target: Path, eos_norm: float) -> Path:
@@ -286,7 +289,9 @@ def child_main(args: argparse.Namespace) -> None:
     """One route of one case, in this fresh process; the result goes to args.child_out as JSON."""
     case = CASES[args.case]
     out = args.out.resolve()
-    model = build_model(out, None if case["fixed"] else args.eos_norm)
+    if args.device_bound:
+        pin_device_core()   # first: vLLM and Ray inherit the affinity and the environment
+    model = build_model(out, None if case["fixed"] else args.eos_norm, args.device_bound)
     image_dir = out / f"images-{args.images}"
     if args.child == "baseline":
         prompts = [v.prompt_for("image") for v in case["views"]]
@@ -304,7 +309,8 @@ def run_child(args: argparse.Namespace, route: str, case: str) -> dict:
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", route, "--case", case, "--images",
            str(args.images), "--out", str(args.out), "--eos-norm", str(args.eos_norm), "--child-out", str(result_path),
-           *(["--batch-size", str(args.batch_size)] if args.batch_size else [])]
+           *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+           *(["--device-bound"] if args.device_bound else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
@@ -418,9 +424,19 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+DEVICE_BOUND_NOTE = (
+    "**Device-bound emulation (`--device-bound`), the shape of a GPU node:** vLLM's model worker alone on "
+    "the last core (`VLLM_CPU_OMP_THREADS_BIND`), and the model given {pad} decoder layers more whose outputs "
+    "are zero (bench/common.py `pad_layers`): they change nothing the model computes and make its forward "
+    "passes the bottleneck, as a GPU's are. Every other process (vLLM's front end and EngineCore, Ray, the "
+    "stage's loading and writing) has the other core. Under this affinity the model worker's OpenMP threads "
+    "spin while they wait, so its \"busy\" column reads about 1.00 and says nothing. ")
+
+
 def engine_table(results: dict) -> list[str]:
     summary = results["summary"]
-    lines = [f"Machine: {results['machine']}; vllm {results['versions']['vllm']}, ray {results['versions']['ray']}; "
+    emulation = DEVICE_BOUND_NOTE.format(pad=DEVICE_PAD_LAYERS) if results.get("device_bound") else ""
+    lines = [f"{emulation}Machine: {results['machine']}; vllm {results['versions']['vllm']}, ray {results['versions']['ray']}; "
              f"code measured: {results.get('label') or '-'}. {results['images']} JPEGs 640x480 (q90) scaled to "
              f"<= 224*224 with `load_image`, tiny Qwen2-VL (random weights; variable cases: lm_head row of EOS "
              f"scaled to norm {results['eos_norm']:g}), greedy, max_tokens {MAX_TOKENS}, `enforce_eager` in both "
@@ -538,9 +554,9 @@ def main() -> None:
     images = make_images(image_dir, args.images)
     results: dict = {"machine": machine(), "versions": {"vllm": vllm.__version__, "ray": ray.__version__},
                      "command": " ".join(["bench/describe.py", *sys.argv[1:]]), "images": args.images,
-                     "eos_norm": args.eos_norm, "label": args.label, "runs": []}
+                     "eos_norm": args.eos_norm, "label": args.label, "device_bound": args.device_bound, "runs": []}
     if not args.skip_engine:
-        build_model(out), build_model(out, args.eos_norm)
+        build_model(out, None, args.device_bound), build_model(out, args.eos_norm, args.device_bound)
         for case in args.cases.split(","):
             for repeat in range(args.repeats):
                 for route in ("baseline", *args.routes.split(",")):  # alternated: drift on the machine hits all
@@ -552,12 +568,18 @@ def main() -> None:
                     results["runs"].append(run)
                     (out / "describe-results.json").write_text(json.dumps(results, indent=2) + "\n")
         results["summary"] = summarize(results["runs"])
-    if not args.skip_load:
+    if not args.skip_load and not args.device_bound:
         results["load_rates"] = load_rates(images[:args.load_images], make_videos(out / "videos"))
     (out / "describe-results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     print(table)
-    if not args.no_docs:
+    if args.no_docs:
+        return
+    if args.device_bound:
+        replace_section("describe.py --device-bound", "## describe: device-bound (the model worker on a core of its "
+                        "own)\n\n_Written by `bench/describe.py --device-bound`; notes below are by hand._\n\n" + table,
+                        before="<!-- bench/engine_loop.py: begin -->")
+    else:
         update_docs(table, engine=bool(results["runs"]), load=bool(results.get("load_rates")))
 
 
