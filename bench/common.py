@@ -312,6 +312,13 @@ DEVICE_BOUND_HELP = ("emulate a GPU node: vLLM's model worker alone on one core,
                      "the bottleneck, and every other process (vLLM's front end and EngineCore, Ray, the stage) "
                      "on the other cores; results go to their own section")
 
+DEVICE_BOUND_NOTE = (
+    "**Device-bound emulation (`--device-bound`), the shape of a GPU node:** vLLM's model worker alone on "
+    "the last core (`VLLM_CPU_OMP_THREADS_BIND`), and the model given {pad} decoder layers more whose outputs "
+    "are zero (bench/common.py `pad_layers`): they change nothing the model computes and make its forward "
+    "passes the bottleneck, as a GPU's are. Every other process (vLLM's front end and EngineCore, Ray, the "
+    "stage's own work) has the other core. ").format(pad=DEVICE_PAD_LAYERS)
+
 
 def pin_device_core() -> dict:
     """The device-bound emulation's affinity. On a GPU node the forward passes run on the GPU, and

@@ -40,7 +40,7 @@ for _key, _value in {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1",
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from bench.common import (DEVICE_BOUND_HELP, DEVICE_PAD_LAYERS, Timeline, engine_queue_cell, engine_queue_of, pad_layers,  # noqa: E402
+from bench.common import (DEVICE_BOUND_HELP, DEVICE_BOUND_NOTE, Timeline, engine_queue_cell, engine_queue_of, pad_layers,  # noqa: E402
                           percentiles, pin_device_core, steady_as_stage, tree_cpu_s)
 from bench.docs_section import replace_section  # noqa: E402
 from pipelines.media import MediaConfig, load_image, load_video, target_size  # noqa: E402
@@ -424,18 +424,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-DEVICE_BOUND_NOTE = (
-    "**Device-bound emulation (`--device-bound`), the shape of a GPU node:** vLLM's model worker alone on "
-    "the last core (`VLLM_CPU_OMP_THREADS_BIND`), and the model given {pad} decoder layers more whose outputs "
-    "are zero (bench/common.py `pad_layers`): they change nothing the model computes and make its forward "
-    "passes the bottleneck, as a GPU's are. Every other process (vLLM's front end and EngineCore, Ray, the "
-    "stage's loading and writing) has the other core. Under this affinity the model worker's OpenMP threads "
-    "spin while they wait, so its \"busy\" column reads about 1.00 and says nothing. ")
+WORKER_SPINS = ("Under this affinity the model worker's OpenMP threads spin while they wait, so its \"busy\" "
+                "column reads about 1.00 and says nothing. ")
 
 
 def engine_table(results: dict) -> list[str]:
     summary = results["summary"]
-    emulation = DEVICE_BOUND_NOTE.format(pad=DEVICE_PAD_LAYERS) if results.get("device_bound") else ""
+    emulation = DEVICE_BOUND_NOTE + WORKER_SPINS if results.get("device_bound") else ""
     lines = [f"{emulation}Machine: {results['machine']}; vllm {results['versions']['vllm']}, ray {results['versions']['ray']}; "
              f"code measured: {results.get('label') or '-'}. {results['images']} JPEGs 640x480 (q90) scaled to "
              f"<= 224*224 with `load_image`, tiny Qwen2-VL (random weights; variable cases: lm_head row of EOS "

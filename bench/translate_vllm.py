@@ -45,8 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
-from bench.common import (Timeline, add_run_args, engine_queue_cell, engine_queue_of, finish, lengths_cell, percentiles, ratio_lines, ratios_to_baseline,  # noqa: E402
-                          results_header, run_rounds, same_tokens, steady_as_stage)
+from bench.common import (DEVICE_BOUND_HELP, DEVICE_BOUND_NOTE, Timeline, add_run_args, engine_queue_cell,  # noqa: E402
+                          engine_queue_of, finish, lengths_cell, pad_layers, percentiles, pin_device_core, ratio_lines,
+                          ratios_to_baseline, results_header, run_rounds, same_tokens, steady_as_stage)
 from bench.describe import finish_times, scale_eos  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 from bench.translate import specific_captions, write_lines  # noqa: E402
@@ -65,6 +66,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captions", type=int, default=1000, help="distinct strings (>= 500 for the issue's numbers)")
     parser.add_argument("--eos-norm", type=float, default=EOS_NORM)
+    parser.add_argument("--device-bound", action="store_true", help=DEVICE_BOUND_HELP)
     add_run_args(parser, CASES, ROUTES, ROOT / "bench" / "out")
     args = parser.parse_args()
     if args.quick:   # a smoke run: a few minutes
@@ -79,7 +81,8 @@ def build_chat_model(out: Path, eos_norm: float | None) -> Path:
 
 
 def model_for(args: argparse.Namespace, case: str) -> Path:
-    return build_chat_model(args.out.resolve(), None if case == "fixed32" else args.eos_norm)
+    model = build_chat_model(args.out.resolve(), None if case == "fixed32" else args.eos_norm)
+    return pad_layers(model) if args.device_bound else model
 
 
 def captions_file(args: argparse.Namespace) -> Path:
@@ -156,6 +159,8 @@ def run_stage(args: argparse.Namespace, executor: str) -> dict:
 
 
 def child_main(args: argparse.Namespace) -> None:
+    if args.device_bound:
+        pin_device_core()   # first: vLLM and Ray inherit the affinity and the environment
     if args.child == "baseline":
         result = run_baseline(args)
     else:
@@ -191,7 +196,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}; vllm {results['versions']['vllm']}, ray {results['versions']['ray']}; "
+    emulation = DEVICE_BOUND_NOTE if results.get("device_bound") else ""
+    lines = [f"{emulation}Machine: {results['machine']}; vllm {results['versions']['vllm']}, ray {results['versions']['ray']}; "
              f"code measured: {results.get('label') or '-'}. {results['captions']} distinct English captions "
              f"(5-14 words) to Portuguese with the tiny Qwen2 chat model (random weights; variable case: lm_head "
              f"row of EOS scaled to norm {results['eos_norm']:g}), the stage's default prompt through the model's "
@@ -240,6 +246,12 @@ def update_docs(section: str) -> None:
                     f"_Written by `bench/translate_vllm.py`._\n\n{section}", after="<!-- bench/translate.py: end -->")
 
 
+def update_docs_device_bound(section: str) -> None:
+    replace_section("translate_vllm.py --device-bound", "## translate: vllm engine, device-bound (the model worker "
+                    "on a core of its own)\n\n_Written by `bench/translate_vllm.py --device-bound`; notes below are "
+                    f"by hand._\n\n{section}", after="<!-- bench/translate_vllm.py: end -->")
+
+
 def main() -> None:
     args = parse_args()
     if args.child:
@@ -249,11 +261,14 @@ def main() -> None:
     write_lines(captions_file(args), specific_captions(args.captions))
     for case in args.cases.split(","):
         model_for(args, case)   # built once here, not in two children at once
-    results = results_header("bench/translate_vllm.py", args, captions=args.captions, eos_norm=args.eos_norm)
-    child_args = ["--captions", str(args.captions), "--out", str(out), "--eos-norm", str(args.eos_norm)]
+    results = results_header("bench/translate_vllm.py", args, captions=args.captions, eos_norm=args.eos_norm,
+                             device_bound=args.device_bound)
+    child_args = ["--captions", str(args.captions), "--out", str(out), "--eos-norm", str(args.eos_norm),
+                  *(["--device-bound"] if args.device_bound else [])]
     run_rounds(args, Path(__file__).resolve(), results, out / "translate-vllm-results.json", child_args, progress)
     results["summary"], results["same_tokens"] = summarize(results["runs"]), same_tokens(results["runs"])
-    finish(results, out / "translate-vllm-results.json", markdown(results), update_docs, args.no_docs)
+    finish(results, out / "translate-vllm-results.json", markdown(results),
+           update_docs_device_bound if args.device_bound else update_docs, args.no_docs)
 
 
 if __name__ == "__main__":  # vLLM starts its engine process with spawn: it re-imports this file
