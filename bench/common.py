@@ -317,7 +317,7 @@ DEVICE_BOUND_NOTE = (
     "the last core (`VLLM_CPU_OMP_THREADS_BIND`), and the model given {pad} decoder layers more whose outputs "
     "are zero (bench/common.py `pad_layers`): they change nothing the model computes and make its forward "
     "passes the bottleneck, as a GPU's are. Every other process (vLLM's front end and EngineCore, Ray, the "
-    "stage's own work) has the other core. ").format(pad=DEVICE_PAD_LAYERS)
+    "stage's own work) has the other cores. ").format(pad=DEVICE_PAD_LAYERS)
 
 
 def pin_device_core() -> dict:

