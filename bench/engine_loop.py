@@ -3,7 +3,7 @@
 (`LLMEngine.add_request` plus a `step()` loop) and against one `LLM.generate` over everything.
 
     .venv/bin/python bench/engine_loop.py [--captions 4000] [--images 1536] [--repeats 2]
-        [--cases text,images,images-5views] [--routes baseline,asyncllm,step] [--quick] [--no-docs]
+        [--cases text,images,images-5views] [--routes baseline,asyncllm,step] [--device-bound] [--quick] [--no-docs]
 
 The issue that asked for a streaming engine named both APIs; this is the measurement behind the
 choice. The two streaming routes keep the same window as the stage (twice vLLM's max_num_seqs
@@ -39,8 +39,9 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this chec
 
 from bench import describe as describe_bench  # noqa: E402
 from bench import translate_vllm  # noqa: E402
-from bench.common import (Timeline, add_run_args, finish, lengths_cell, percentiles, ratio_lines,  # noqa: E402
-                          ratios_to_baseline, results_header, run_rounds, same_tokens)
+from bench.common import (DEVICE_BOUND_HELP, DEVICE_BOUND_NOTE, Timeline, add_run_args, finish,  # noqa: E402
+                          lengths_cell, percentiles, pin_device_core, ratio_lines, ratios_to_baseline, results_header,
+                          run_rounds, same_tokens)
 from bench.docs_section import replace_section  # noqa: E402
 from bench.translate import specific_captions, write_lines  # noqa: E402
 
@@ -57,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captions", type=int, default=4000, help="distinct strings in the text case")
     parser.add_argument("--images", type=int, default=1536, help="JPEGs in the images case")
+    parser.add_argument("--device-bound", action="store_true", help=DEVICE_BOUND_HELP)
     add_run_args(parser, CASES, ROUTES, ROOT / "bench" / "out")
     args = parser.parse_args()
     args.eos_norm = translate_vllm.EOS_NORM   # translate_vllm.model_for reads it
@@ -73,7 +75,7 @@ def inputs_for(args: argparse.Namespace) -> tuple[Path, list]:
     if args.case == "text":
         model = translate_vllm.model_for(args, "variable")
         return model, translate_vllm.stage_prompts(args, model)
-    model = describe_bench.build_model(args.out.resolve(), describe_bench.EOS_NORM)
+    model = describe_bench.build_model(args.out.resolve(), describe_bench.EOS_NORM, args.device_bound)
     images = sorted((args.out.resolve() / f"images-{args.images}").glob("*.jpg"))
     return model, describe_bench.image_requests(model, images, [v.prompt_for("image") for v in image_views(args.case)])
 
@@ -166,6 +168,7 @@ ROUTE_RUNNERS = {"baseline": run_baseline, "asyncllm": run_asyncllm, "step": run
 
 def child_main(args: argparse.Namespace) -> None:
     import json
+    pinned = pin_device_core() if args.device_bound else {}   # first: vLLM inherits it
     model, inputs = inputs_for(args)
     with Timeline() as timeline:
         lengths, t0, t1, window = ROUTE_RUNNERS[args.child](model, inputs)
@@ -177,14 +180,15 @@ def child_main(args: argparse.Namespace) -> None:
     result = {"route": args.child, "case": args.case, "rows": len(lengths), "wall_s": t1 - t0,
               "rows_per_s": len(lengths) / (t1 - t0), "window": window, "lengths": percentiles(lengths),
               "front_end_cores": cpu["own_cpu_cores"] - cpu["engine_cpu_s"] / dt, "engine_core_cores": engine_core,
-              "model_worker_cores": cpu["model_worker_cores"], "foreign_cpu_share": cpu["foreign_cpu_share"]}
+              "model_worker_cores": cpu["model_worker_cores"], "foreign_cpu_share": cpu["foreign_cpu_share"], **pinned}
     args.child_out.write_text(json.dumps(result) + "\n")
 
 
 # --------------------------------------------------------------------------- parent
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}; vllm {results['versions']['vllm']}; code measured: "
+    emulation = DEVICE_BOUND_NOTE + describe_bench.WORKER_SPINS if results.get("device_bound") else ""
+    lines = [f"{emulation}Machine: {results['machine']}; vllm {results['versions']['vllm']}; code measured: "
              f"{results.get('label') or '-'}. {results['captions']} distinct captions (text) and {results['images']} "
              f"JPEGs (images: 1 view; images-5views: the stage's 5 default views); tiny models with random weights and EOS scaled (variable lengths), greedy, "
              f"max_tokens {MAX_TOKENS}, `enforce_eager`, log stats off, each run in a fresh process; inputs ready "
@@ -213,6 +217,12 @@ def update_docs(section: str) -> None:
                     f"_Written by `bench/engine_loop.py`._\n\n{section}", before="<!-- bench/ceiling.py: begin -->")
 
 
+def update_docs_device_bound(section: str) -> None:
+    replace_section("engine_loop.py --device-bound", "## describe and translate: feeding vLLM, device-bound (the "
+                    "model worker on a core of its own)\n\n_Written by `bench/engine_loop.py --device-bound`; notes "
+                    f"below are by hand._\n\n{section}", before="<!-- bench/ceiling.py: begin -->")
+
+
 def main() -> None:
     args = parse_args()
     if args.child:
@@ -225,13 +235,16 @@ def main() -> None:
         translate_vllm.model_for(args, "variable")   # built once here, not in two children at once
     if "images" in cases or "images-5views" in cases:
         describe_bench.make_images(out / f"images-{args.images}", args.images)
-        describe_bench.build_model(out, describe_bench.EOS_NORM)
-    results = results_header("bench/engine_loop.py", args, captions=args.captions, images=args.images)
-    child_args = ["--captions", str(args.captions), "--images", str(args.images), "--out", str(out)]
+        describe_bench.build_model(out, describe_bench.EOS_NORM, args.device_bound)
+    results = results_header("bench/engine_loop.py", args, captions=args.captions, images=args.images,
+                             device_bound=args.device_bound)
+    child_args = ["--captions", str(args.captions), "--images", str(args.images), "--out", str(out),
+                  *(["--device-bound"] if args.device_bound else [])]
     json_path = out / "engine-loop-results.json"
     run_rounds(args, Path(__file__).resolve(), results, json_path, child_args, progress)
     results["summary"], results["same_tokens"] = ratios_to_baseline(results["runs"]), same_tokens(results["runs"])
-    finish(results, json_path, markdown(results), update_docs, args.no_docs)
+    finish(results, json_path, markdown(results), update_docs_device_bound if args.device_bound else update_docs,
+           args.no_docs)
 
 
 if __name__ == "__main__":  # vLLM starts its engine process with spawn: it re-imports this file
