@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.docs_section import markers, replace_section
+
 
 def tree_cpu_s() -> float:
     """CPU seconds (user + system) of this process and its live descendants: vLLM's engine
@@ -314,10 +316,19 @@ DEVICE_BOUND_HELP = ("emulate a GPU node: vLLM's model worker alone on one core,
 
 DEVICE_BOUND_NOTE = (
     "**Device-bound emulation (`--device-bound`), the shape of a GPU node:** vLLM's model worker alone on "
-    "the last core (`VLLM_CPU_OMP_THREADS_BIND`), and the model given {pad} decoder layers more whose outputs "
-    "are zero (bench/common.py `pad_layers`): they change nothing the model computes and make its forward "
-    "passes the bottleneck, as a GPU's are. Every other process (vLLM's front end and EngineCore, Ray, the "
-    "stage's own work) has the other cores. ").format(pad=DEVICE_PAD_LAYERS)
+    f"the last core (`VLLM_CPU_OMP_THREADS_BIND`), and the model given {DEVICE_PAD_LAYERS} decoder layers more "
+    "whose outputs are zero (bench/common.py `pad_layers`): they change nothing the model computes and make its "
+    "forward passes the bottleneck, as a GPU's are. Every other process (vLLM's front end and EngineCore, Ray, "
+    "the stage's own work) has the other cores. Under this affinity the model worker's OpenMP threads spin "
+    "while they wait, so a column of its CPU reads about 1.00 and says nothing.")
+
+
+def write_device_bound_section(script: str, title: str, body: str) -> None:
+    """A script's `--device-bound` results in docs/benchmarks.md: their own section (placed after
+    the script's own one the first time), headed by what the emulation is."""
+    replace_section(f"{script} --device-bound", f"## {title}, device-bound (the model worker on a core of its "
+                    f"own)\n\n_Written by `bench/{script} --device-bound`; notes below are by hand._\n\n"
+                    f"{DEVICE_BOUND_NOTE}\n\n{body}", after=markers(script)[1])
 
 
 def pin_device_core() -> dict:

@@ -44,9 +44,9 @@ for _key, _value in {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1",
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from bench.common import (DEVICE_BOUND_HELP, DEVICE_BOUND_NOTE, Timeline, engine_queue_cell,  # noqa: E402
-                          engine_queue_of, pad_layers, percentiles, pin_device_core, steady_as_stage, tree_cpu_s)
-from bench.docs_section import replace_section  # noqa: E402
+from bench.common import (DEVICE_BOUND_HELP, Timeline, engine_queue_cell,  # noqa: E402
+                          engine_queue_of, pad_layers, percentiles, pin_device_core, steady_as_stage, tree_cpu_s,
+                          write_device_bound_section)
 from pipelines.media import MediaConfig, load_image, load_video, target_size  # noqa: E402
 
 PROMPT = "Describe this {media} in detail."
@@ -427,14 +427,9 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-WORKER_SPINS = ("Under this affinity the model worker's OpenMP threads spin while they wait, so its \"busy\" "
-                "column reads about 1.00 and says nothing. ")
-
-
 def engine_table(results: dict) -> list[str]:
     summary = results["summary"]
-    emulation = DEVICE_BOUND_NOTE + WORKER_SPINS if results.get("device_bound") else ""
-    lines = [f"{emulation}Machine: {results['machine']}; vllm {results['versions']['vllm']}, ray {results['versions']['ray']}; "
+    lines = [f"Machine: {results['machine']}; vllm {results['versions']['vllm']}, ray {results['versions']['ray']}; "
              f"code measured: {results.get('label') or '-'}. {results['images']} JPEGs 640x480 (q90) scaled to "
              f"<= 224*224 with `load_image`, tiny Qwen2-VL (random weights; variable cases: lm_head row of EOS "
              f"scaled to norm {results['eos_norm']:g}), greedy, max_tokens {MAX_TOKENS}, `enforce_eager` in both "
@@ -574,9 +569,7 @@ def main() -> None:
     if args.no_docs:
         return
     if args.device_bound:
-        replace_section("describe.py --device-bound", "## describe: device-bound (the model worker on a core of its "
-                        "own)\n\n_Written by `bench/describe.py --device-bound`; notes below are by hand._\n\n" + table,
-                        before="<!-- bench/engine_loop.py: begin -->")
+        write_device_bound_section("describe.py", "describe", table)
     else:
         update_docs(table, engine=bool(results["runs"]), load=bool(results.get("load_rates")))
 

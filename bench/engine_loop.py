@@ -32,6 +32,7 @@ import itertools
 import queue
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,9 +40,9 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this chec
 
 from bench import describe as describe_bench  # noqa: E402
 from bench import translate_vllm  # noqa: E402
-from bench.common import (DEVICE_BOUND_HELP, DEVICE_BOUND_NOTE, Timeline, add_run_args, finish,  # noqa: E402
+from bench.common import (DEVICE_BOUND_HELP, Timeline, add_run_args, finish,  # noqa: E402
                           lengths_cell, percentiles, pin_device_core, ratio_lines, ratios_to_baseline, results_header,
-                          run_rounds, same_tokens)
+                          run_rounds, same_tokens, write_device_bound_section)
 from bench.docs_section import replace_section  # noqa: E402
 from bench.translate import specific_captions, write_lines  # noqa: E402
 
@@ -187,8 +188,7 @@ def child_main(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- parent
 
 def markdown(results: dict) -> str:
-    emulation = DEVICE_BOUND_NOTE + describe_bench.WORKER_SPINS if results.get("device_bound") else ""
-    lines = [f"{emulation}Machine: {results['machine']}; vllm {results['versions']['vllm']}; code measured: "
+    lines = [f"Machine: {results['machine']}; vllm {results['versions']['vllm']}; code measured: "
              f"{results.get('label') or '-'}. {results['captions']} distinct captions (text) and {results['images']} "
              f"JPEGs (images: 1 view; images-5views: the stage's 5 default views); tiny models with random weights and EOS scaled (variable lengths), greedy, "
              f"max_tokens {MAX_TOKENS}, `enforce_eager`, log stats off, each run in a fresh process; inputs ready "
@@ -217,12 +217,6 @@ def update_docs(section: str) -> None:
                     f"_Written by `bench/engine_loop.py`._\n\n{section}", before="<!-- bench/ceiling.py: begin -->")
 
 
-def update_docs_device_bound(section: str) -> None:
-    replace_section("engine_loop.py --device-bound", "## describe and translate: feeding vLLM, device-bound (the "
-                    "model worker on a core of its own)\n\n_Written by `bench/engine_loop.py --device-bound`; notes "
-                    f"below are by hand._\n\n{section}", before="<!-- bench/ceiling.py: begin -->")
-
-
 def main() -> None:
     args = parse_args()
     if args.child:
@@ -243,8 +237,9 @@ def main() -> None:
     json_path = out / "engine-loop-results.json"
     run_rounds(args, Path(__file__).resolve(), results, json_path, child_args, progress)
     results["summary"], results["same_tokens"] = ratios_to_baseline(results["runs"]), same_tokens(results["runs"])
-    finish(results, json_path, markdown(results), update_docs_device_bound if args.device_bound else update_docs,
-           args.no_docs)
+    finish(results, json_path, markdown(results),
+           partial(write_device_bound_section, "engine_loop.py", "describe and translate: feeding vLLM")
+           if args.device_bound else update_docs, args.no_docs)
 
 
 if __name__ == "__main__":  # vLLM starts its engine process with spawn: it re-imports this file

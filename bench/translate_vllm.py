@@ -40,14 +40,16 @@ import statistics
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
-from bench.common import (DEVICE_BOUND_HELP, DEVICE_BOUND_NOTE, Timeline, add_run_args, engine_queue_cell,  # noqa: E402
+from bench.common import (DEVICE_BOUND_HELP, Timeline, add_run_args, engine_queue_cell,  # noqa: E402
                           engine_queue_of, finish, lengths_cell, pad_layers, percentiles, pin_device_core, ratio_lines,
-                          ratios_to_baseline, results_header, run_rounds, same_tokens, steady_as_stage)
+                          ratios_to_baseline, results_header, run_rounds, same_tokens, steady_as_stage,
+                          write_device_bound_section)
 from bench.describe import finish_times, scale_eos  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 from bench.translate import specific_captions, write_lines  # noqa: E402
@@ -195,8 +197,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def markdown(results: dict) -> str:
-    emulation = DEVICE_BOUND_NOTE if results.get("device_bound") else ""
-    lines = [f"{emulation}Machine: {results['machine']}; vllm {results['versions']['vllm']}, ray {results['versions']['ray']}; "
+    lines = [f"Machine: {results['machine']}; vllm {results['versions']['vllm']}, ray {results['versions']['ray']}; "
              f"code measured: {results.get('label') or '-'}. {results['captions']} distinct English captions "
              f"(5-14 words) to Portuguese with the tiny Qwen2 chat model (random weights; variable case: lm_head "
              f"row of EOS scaled to norm {results['eos_norm']:g}), the stage's default prompt through the model's "
@@ -245,12 +246,6 @@ def update_docs(section: str) -> None:
                     f"_Written by `bench/translate_vllm.py`._\n\n{section}", after="<!-- bench/translate.py: end -->")
 
 
-def update_docs_device_bound(section: str) -> None:
-    replace_section("translate_vllm.py --device-bound", "## translate: vllm engine, device-bound (the model worker "
-                    "on a core of its own)\n\n_Written by `bench/translate_vllm.py --device-bound`; notes below are "
-                    f"by hand._\n\n{section}", after="<!-- bench/translate_vllm.py: end -->")
-
-
 def main() -> None:
     args = parse_args()
     if args.child:
@@ -267,7 +262,8 @@ def main() -> None:
     run_rounds(args, Path(__file__).resolve(), results, out / "translate-vllm-results.json", child_args, progress)
     results["summary"], results["same_tokens"] = summarize(results["runs"]), same_tokens(results["runs"])
     finish(results, out / "translate-vllm-results.json", markdown(results),
-           update_docs_device_bound if args.device_bound else update_docs, args.no_docs)
+           partial(write_device_bound_section, "translate_vllm.py", "translate: vllm engine") if args.device_bound
+           else update_docs, args.no_docs)
 
 
 if __name__ == "__main__":  # vLLM starts its engine process with spawn: it re-imports this file
