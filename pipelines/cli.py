@@ -151,6 +151,10 @@ def describe(
     stall_timeout: float = typer.Option(600.0, "--stall-timeout", help="Exit 1 when no row finishes for this many "
                                         "seconds while work remains (0: never); raise it for slow engine starts."),
     engine_num_cpus: float = typer.Option(1.0, help="CPUs each engine actor asks Ray for."),
+    load_on: str = typer.Option("auto", help="Ray: where media is loaded: engine (each engine actor loads its own "
+                                             "batches), tasks (CPU tasks, spread over the cluster), or auto: images "
+                                             "on the engine actor for vllm/transformers, videos and the openai "
+                                             "engine on tasks."),
     rows_per_file: int = typer.Option(2048, help="Rows per output Parquet file (the unit of resume)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     report_json: Optional[Path] = typer.Option(None, help="Also write the end summary as JSON here."),
@@ -188,7 +192,7 @@ def describe(
                                    ray_address=ray_address, executor=_executor(executor), num_engines=num_engines,
                                    batch_size=batch_size, max_in_flight=max_in_flight,
                                    stall_timeout_s=stall_timeout, engine_num_cpus=engine_num_cpus,
-                                   rows_per_file=rows_per_file, progress=progress)
+                                   load_on=load_on, rows_per_file=rows_per_file, progress=progress)
     except (TypeError, ValueError) as err:
         _fail(EXIT_BAD_INPUT, f"bad option: {err}")
     _run_describe(cfg, report_json)

@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import schemas
 from pipelines import ids, store
@@ -52,6 +52,10 @@ DEFAULT_VIEWS = (
 )
 
 
+LOAD_ON = ("auto", "engine", "tasks")
+GPU_ENGINES = ("vllm", "transformers")   # engines whose actor process mostly waits on its device
+
+
 @dataclass
 class DescribeConfig:
     workdir: Where                         # a local path or a URI (s3://...): pipelines/storage.py
@@ -70,6 +74,7 @@ class DescribeConfig:
     num_engines: int | None = None         # None: one per GPU (tensor-parallel aware), else 1
     engine_num_cpus: float = 1.0
     load_num_cpus: float = 0.5             # fractional: on 2 cores whole CPUs starve the engine
+    load_on: str = "auto"                  # Ray: where media is loaded (LOAD_ON; see loads_on_engine)
     batch_size: int = 32                   # items per dispatch to an engine and per load task (a request per view)
     max_in_flight: int | None = None       # requests owed per engine; None: 2x what it runs at once + 2 batches
     stall_timeout_s: float = 600.0         # stop (exit 1) when no row finishes for this long; 0: never
@@ -78,6 +83,8 @@ class DescribeConfig:
 
     def __post_init__(self) -> None:
         self.workdir = at(self.workdir)
+        if self.load_on not in LOAD_ON:
+            raise ValueError(f"load_on must be one of {', '.join(LOAD_ON)}, got {self.load_on!r}")
 
 
 @dataclass
@@ -156,6 +163,31 @@ def load_batch(items: list[dict], media_cfg: MediaConfig) -> list[dict]:
             row["error_kind"], row["error"] = "load_failed", f"{type(err).__name__}: {err}"
         out.append(row)
     return out
+
+
+def loads_on_engine(cfg: DescribeConfig) -> Callable[[list[dict]], bool] | None:
+    """On Ray, which batches the engine actor loads itself rather than a load task (None: none).
+
+    auto: batches of images only, for engines on a device (vLLM, transformers). An image costs
+    ~2.6 ms of CPU to load, less than its load task, object and transfer cost Ray's processes,
+    and those share the node's CPUs with the engine's own scheduler and input processing
+    (docs/benchmarks.md, "describe, device-bound": loading on the actor gave 5-13% more rows/s,
+    1 view). A batch with a video stays on a task: decoding 8+ frames is 100x the work, and
+    tasks spread it over the node's cores and other nodes. The openai engine's actor is itself
+    the CPU-bound part (encoding, HTTP), so its loading stays on tasks too."""
+    if cfg.load_on == "engine":
+        return _every_batch
+    if cfg.load_on == "tasks" or (cfg.load_on == "auto" and cfg.engine.engine not in GPU_ENGINES):
+        return None
+    return _images_only
+
+
+def _every_batch(items: list[dict]) -> bool:
+    return True
+
+
+def _images_only(items: list[dict]) -> bool:
+    return all(item["media_type"] != "video" for item in items)
 
 
 def describe_stream(describer: Any, loaded: list[dict], views: dict[str, View]) -> Iterator[list[dict]]:
@@ -303,7 +335,8 @@ def _stream_rows(cfg: DescribeConfig, todo: PlanShards, writer: DescriptionWrite
                       batch_size=cfg.batch_size, outputs_per_input=len(cfg.views),
                       max_in_flight=cfg.max_in_flight, num_cpus=cfg.engine_num_cpus,
                       prepare=partial(load_batch, media_cfg=cfg.media),
-                      prepare_num_cpus=cfg.load_num_cpus, row_key=lambda r: (r["item_id"], r["view"]))
+                      prepare_num_cpus=cfg.load_num_cpus, prepare_on_engine=loads_on_engine(cfg),
+                      row_key=lambda r: (r["item_id"], r["view"]))
     results = stream(rows, step, executor=cfg.executor, engine_cfg=cfg.engine, ray_address=cfg.ray_address,
                      num_engines=cfg.num_engines, stall_timeout_s=cfg.stall_timeout_s, engine_queue=report.engine_queue)
     write_as_they_come(results, writer.add, advance, report, started, rows_before=rows_before)

@@ -21,7 +21,8 @@ hands each result back as soon as its own request is done:
 Two executors run the same step, each engine in an `EngineHost` (the engine, a thread per
 running batch, one queue of their rows): `stream_on_ray` (the only code here that knows Ray:
 CPU tasks prepare batches a few ahead, the prepared batches stay in the object store and go by
-reference to engine actors; each actor sends the rows of all its batches back through one Ray
+reference to engine actors, except the batches the step has its engine actor prepare itself
+(`prepare_on_engine`: describe's images); each actor sends the rows of all its batches back through one Ray
 streaming generator, coalesced per quarter second) and `stream_locally` (one host in this
 process: unit tests, tiny runs). Both close their engines when they are done.
 
@@ -68,6 +69,10 @@ class EngineStep:
     num_cpus: float = 1.0                  # per engine worker
     prepare: Callable[[list[dict]], list[dict]] | None = None   # CPU step before the engine, per batch
     prepare_num_cpus: float = 0.5          # fractional: on small machines whole CPUs starve the engine
+    # on Ray, the batches the engine actor prepares itself (on a thread beside its engine, as the
+    # local executor does) instead of a CPU task: no task, object or transfer per batch, but the
+    # work stays in the actor's process (None: every batch on a task)
+    prepare_on_engine: Callable[[list[dict]], bool] | None = None
     # identifies an output row: a batch re-dispatched after its engine actor was lost drops the
     # rows it already gave (None: such a batch stops the run instead)
     row_key: Callable[[dict], Hashable] | None = None
@@ -262,15 +267,15 @@ def batches_of(rows: list[dict], size: int) -> Iterator[list[dict]]:
 # --------------------------------------------------------------------------- local executor
 
 class EngineHost:
-    """One engine and the batches it runs, each on its own thread (prepare, when given, then the
-    stream function; a batch engine answers one batch at a time, the next one prepared
-    meanwhile). Every batch's output rows and its end arrive in one queue, `events`:
-    ("rows", batch_id, rows), ("done", batch_id, None) or ("error", batch_id, exception).
+    """One engine and the batches it runs, each on its own thread (the step's prepare, unless the
+    batch comes prepared, then the stream function; a batch engine answers one batch at a time,
+    the next one prepared meanwhile). Every batch's output rows and its end arrive in one queue,
+    `events`: ("rows", batch_id, rows), ("done", batch_id, None) or ("error", batch_id, exception).
     Both executors hold one per engine: the local one in this process, the Ray one in each
     engine actor."""
 
-    def __init__(self, step: EngineStep, prepare: Callable[[list[dict]], list[dict]] | None = None):
-        self.step, self.prepare = step, prepare
+    def __init__(self, step: EngineStep):
+        self.step = step
         self.engine = step.make_engine()
         self.engine.setup()
         self.events: queue.Queue = queue.Queue()
@@ -284,14 +289,16 @@ class EngineHost:
         count = getattr(self.engine, "in_flight", None)
         return count() if count is not None else None
 
-    def start(self, batch_id: int, batch: list[dict]) -> None:
-        threading.Thread(target=self._work, args=(batch_id, batch), daemon=True, name="engine-batch").start()
+    def start(self, batch_id: int, batch: list[dict], prepared: bool = False) -> None:
+        threading.Thread(target=self._work, args=(batch_id, batch, prepared), daemon=True,
+                         name="engine-batch").start()
 
-    def _work(self, batch_id: int, batch: list[dict]) -> None:
+    def _work(self, batch_id: int, batch: list[dict], prepared: bool) -> None:
         try:
-            prepared = self.prepare(batch) if self.prepare else batch
+            if self.step.prepare and not prepared:
+                batch = self.step.prepare(batch)
             with self._turn:
-                for chunk in self.step.stream_fn(self.engine, prepared):
+                for chunk in self.step.stream_fn(self.engine, batch):
                     self.events.put(("rows", batch_id, chunk))
             self.events.put(("done", batch_id, None))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
@@ -308,7 +315,7 @@ def stream_locally(rows: "list[dict] | Batches", step: EngineStep, stall_timeout
     has room; rows are yielded as they finish. The engine is closed at the end, also on an
     error. The stall clock starts once the engine is set up. Each time rows come back while
     more input waits, the requests the engine holds count into `engine_queue`."""
-    host = EngineHost(step, prepare=step.prepare)
+    host = EngineHost(step)
     window = Window(host.window())
     source = _batches(rows, step.batch_size)
     pending = enumerate(source.batches)
@@ -359,8 +366,8 @@ class EngineWorker:
     def window(self) -> int:
         return self.host.window()
 
-    def submit(self, batch_id: int, rows: list[dict]) -> None:
-        self.host.start(batch_id, rows)
+    def submit(self, batch_id: int, rows: list[dict], prepared: bool) -> None:
+        self.host.start(batch_id, rows, prepared)
 
     def events(self) -> Iterator[tuple[int | None, list[tuple[int, list[dict], bool]]]]:
         """Yields (requests the engine holds now, [(batch id, rows, whether the batch ended)]);
@@ -390,10 +397,11 @@ class EngineWorker:
 
 @dataclass
 class _Batch:
-    """A batch on its way to the engines: its input (a prepared batch's ref, or the rows), the
-    output rows it may still give, and the keys of the rows it gave (kept so that a batch
-    re-dispatched after its actor was lost does not give them again)."""
+    """A batch on its way to the engines: its input (a prepared batch's ref, or the rows), whether
+    that input is prepared already, the output rows it may still give, and the keys of the rows it
+    gave (kept so that a batch re-dispatched after its actor was lost does not give them again)."""
     data: Any
+    prepared: bool
     owed: int
     given: set = field(default_factory=set)
 
@@ -422,9 +430,10 @@ class _Running:
 
 def stream_on_ray(ray: Any, rows: "list[dict] | Batches", step: EngineStep, n_engines: int, gpus: float,
                   stall_timeout_s: float = 0, engine_queue: Counter | None = None) -> Iterator[list[dict]]:
-    """Prepare batches on CPU tasks a few ahead of the engines, hand each to the least busy
-    engine actor with room in its window (by reference: the driver never holds the prepared
-    data), and yield output rows as the actors' event streams bring them. A lost actor is
+    """Prepare batches on CPU tasks a few ahead of the engines (or, those the step says, on the
+    engine actor itself), hand each to the least busy engine actor with room in its window (by
+    reference: the driver never holds the prepared data), and yield output rows as the actors'
+    event streams bring them. A lost actor is
     replaced and its batches go out again; rows they already gave are dropped (exactly once)."""
     engines = [_Engine(_actor_factory(ray, step, gpus)) for _ in range(n_engines)]
     source = _batches(rows, step.batch_size)
@@ -447,8 +456,9 @@ def stream_on_ray(ray: Any, rows: "list[dict] | Batches", step: EngineStep, n_en
     try:
         while upcoming is not None or queued or running:
             while upcoming is not None and len(queued) < ahead:   # the input is read as it is needed
-                data = prepare.remote(prepare_fn, upcoming) if prepare else upcoming
-                queued.append(_Batch(data, len(upcoming) * step.outputs_per_input))
+                on_task = prepare is not None and not (step.prepare_on_engine and step.prepare_on_engine(upcoming))
+                data = prepare.remote(prepare_fn, upcoming) if on_task else upcoming
+                queued.append(_Batch(data, on_task, len(upcoming) * step.outputs_per_input))
                 upcoming = next(batches, None)
             _dispatch(queued, engines, running, submitted, batch_ids)
             streams = {e.events: e for e in engines if e.events is not None}
@@ -564,7 +574,7 @@ def _dispatch(queued: deque, engines: list[_Engine], running: dict, submitted: d
         engine.window.open(batch.owed)
         batch_id = next(batch_ids)
         running[batch_id] = _Running(batch, engine, engine.actor)
-        submitted[engine.actor.submit.remote(batch_id, batch.data)] = batch_id
+        submitted[engine.actor.submit.remote(batch_id, batch.data, batch.prepared)] = batch_id
 
 
 def _check_submitted(ray: Any, ref: Any, submitted: dict, running: dict, queued: deque, step: EngineStep) -> None:

@@ -25,6 +25,16 @@ BOMB_SIZE = (20000, 20000)  # 400 Mpx: PIL itself raises DecompressionBombError
 BOMB_WARNING_SIZE = (10000, 10000)  # 100 Mpx: only PIL's warning zone (89.5 .. 179 Mpx)
 PANORAMA_SIZE = (16000, 1000)
 
+# what each bad input must become in a describe run (the rest of make_bad_media's files must be described)
+EXPECTED_ERRORS = {
+    "zero_byte.jpg": "empty_file", "truncated.jpg": "unreadable_image", "text_named.jpg": "unreadable_image",
+    "bomb.png": "decompression_bomb", "bomb_warning.png": "decompression_bomb",
+    "corrupt.mp4": "unreadable_video", "truncated.mp4": "unreadable_video",
+    "huge_frame_count.mp4": "unreadable_video", "huge_frame_count.avi": "unreadable_video",
+    "audio_only.mp4": "no_video_stream", "zero_frames.mp4": "empty_video", "text_named.mp4": "unreadable_video",
+    "link_out.jpg": "outside_root",
+}
+
 
 def moving_square_frames(count: int = GOOD_VIDEO_FRAMES, size: tuple[int, int] = GOOD_VIDEO_SIZE) -> np.ndarray:
     """A red square moving right on blue: frame k has the square's left edge at 5 * k."""

@@ -4,6 +4,7 @@ tens of seconds to start on the 2-core CI machine."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,20 @@ def tiny_qwen(session_tmp) -> Path:
 def tiny_llava(session_tmp) -> Path:
     from pipelines.tiny_models import build_tiny_llava
     return build_tiny_llava(session_tmp / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def mixed_input(tmp_path_factory, sample_data) -> Path:
+    """Sample images and videos, every bad input, a symlink out of the root, a non-UTF-8 name."""
+    root = tmp_path_factory.mktemp("mixed")
+    for sub in ("images", "videos"):
+        for path in sorted((sample_data / sub).iterdir())[:4]:
+            shutil.copy(path, root / path.name)
+    from tests.bad_media import make_bad_media
+    make_bad_media(root / "bad")
+    outside = root.parent / "outside.jpg"
+    shutil.copy(next((sample_data / "images").iterdir()), outside)
+    os.symlink(outside, root / "bad" / "link_out.jpg")
+    with open(os.fsencode(str(root)) + b"/caf\xe9.jpg", "wb") as fh:
+        fh.write((sample_data / "images" / sorted(os.listdir(sample_data / "images"))[0]).read_bytes())
+    return root

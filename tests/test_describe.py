@@ -4,7 +4,6 @@ the tiny random-weight models, real encoded videos, every bad input, and a SIGKI
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -17,21 +16,10 @@ import pytest
 
 import schemas
 from pipelines import store
-from tests.bad_media import make_bad_media
+from tests.bad_media import EXPECTED_ERRORS
 from tests.conftest import CLI, ROOT, run_cli
 
 pytestmark = pytest.mark.slow
-
-# what each bad input must become (the rest of make_bad_media's files must be described)
-EXPECTED_ERRORS = {
-    "zero_byte.jpg": "empty_file", "truncated.jpg": "unreadable_image", "text_named.jpg": "unreadable_image",
-    "bomb.png": "decompression_bomb", "bomb_warning.png": "decompression_bomb",
-    "corrupt.mp4": "unreadable_video", "truncated.mp4": "unreadable_video",
-    "huge_frame_count.mp4": "unreadable_video", "huge_frame_count.avi": "unreadable_video",
-    "audio_only.mp4": "no_video_stream", "zero_frames.mp4": "empty_video", "text_named.mp4": "unreadable_video",
-    "link_out.jpg": "outside_root",
-}
-
 
 def read_descriptions(workdir: Path) -> list[dict]:
     for path in store.parquet_files(workdir / "descriptions"):
@@ -41,22 +29,6 @@ def read_descriptions(workdir: Path) -> list[dict]:
 
 def read_manifest(workdir: Path) -> dict[str, dict]:
     return {r["item_id"]: r for r in store.read_folder(workdir / "manifest", schemas.MANIFEST).to_pylist()}
-
-
-@pytest.fixture(scope="module")
-def mixed_input(tmp_path_factory, sample_data) -> Path:
-    """Sample images and videos, every bad input, a symlink out of the root, a non-UTF-8 name."""
-    root = tmp_path_factory.mktemp("mixed")
-    for sub in ("images", "videos"):
-        for path in sorted((sample_data / sub).iterdir())[:4]:
-            shutil.copy(path, root / path.name)
-    make_bad_media(root / "bad")
-    outside = root.parent / "outside.jpg"
-    shutil.copy(next((sample_data / "images").iterdir()), outside)
-    os.symlink(outside, root / "bad" / "link_out.jpg")
-    with open(os.fsencode(str(root)) + b"/caf\xe9.jpg", "wb") as fh:
-        fh.write((sample_data / "images" / sorted(os.listdir(sample_data / "images"))[0]).read_bytes())
-    return root
 
 
 def _describe_args(workdir, model, engine="vllm", *extra, max_tokens=8):

@@ -58,6 +58,20 @@ def test_describe_stream_one_row_per_item_and_view_errors_pass_through():
     assert by[("x", "b")]["error"] == "truncated" and by[("x", "b")]["n_frames"] is None
 
 
+def test_load_on_auto_keeps_images_on_a_gpu_engine_actor_and_videos_on_tasks(tmp_path):
+    images, mixed = [{"media_type": "image"}] * 3, [{"media_type": "image"}, {"media_type": "video"}]
+    auto = describe.loads_on_engine(_cfg(tmp_path))                      # transformers: an engine on a device
+    assert auto(images) and not auto(mixed)
+    vllm = EngineConfig(engine="vllm", model="m")
+    assert describe.loads_on_engine(DescribeConfig(workdir=tmp_path, engine=vllm))(images)
+    openai = EngineConfig(engine="openai", model="m")                    # its actor is the CPU-bound part
+    assert describe.loads_on_engine(DescribeConfig(workdir=tmp_path, engine=openai)) is None
+    assert describe.loads_on_engine(DescribeConfig(workdir=tmp_path, engine=openai, load_on="engine"))(mixed)
+    assert describe.loads_on_engine(_cfg(tmp_path, load_on="tasks")) is None
+    with pytest.raises(ValueError, match="load_on must be one of auto, engine, tasks"):
+        _cfg(tmp_path, load_on="gpu")
+
+
 def test_fingerprint_changes_with_prompt_model_sampling_and_preprocessing(tmp_path):
     base = describe.view_fingerprints(_cfg(tmp_path), "rev")
     assert base == describe.view_fingerprints(_cfg(tmp_path), "rev")

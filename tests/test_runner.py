@@ -16,18 +16,21 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import describe, ingest, runner, translate
+import schemas
+from pipelines import describe, ingest, runner, store, translate
 from pipelines.describe import DescribeConfig, View
 from pipelines.engines import openai_engine
 from pipelines.engines.base import (EngineConfig, FatalEngineError, SamplingConfig, completed_in_chunks,
                                     results_as_completed)
 from pipelines.summary import print_describe_summary
+from tests.bad_media import EXPECTED_ERRORS
 from tests.servers import ScriptedFakeEndpoint, http_error, sleep_then
 
 VIEWS = (View("a", "Say a about this {media}."), View("b", "Say b about this {media}."))
@@ -348,18 +351,77 @@ def test_a_batch_that_raises_on_an_engine_actor_stops_the_run_with_its_reason(lo
                                   stall_timeout_s=120))
 
 
+def _stamp_pid(rows: list[dict]) -> list[dict]:
+    """A prepare step that records the process it ran in."""
+    return [{**row, "prepared_in": os.getpid()} for row in rows]
+
+
+def _echo_stamped(engine, rows: list[dict]):
+    """_echo_stream, keeping each row's fields and adding the engine's process."""
+    by_n = {row["n"]: row for row in rows}
+    for chunk in results_as_completed(engine, list(by_n), call=None):
+        yield [{**by_n[n], "engine_in": os.getpid()} for _, n in chunk]
+
+
+def _every_other_batch(rows: list[dict]) -> bool:
+    return rows[0]["n"] % 4 == 0
+
+
+def _every_batch(rows: list[dict]) -> bool:
+    return True
+
+
 @pytest.mark.slow
-def test_a_killed_engine_actor_is_replaced_and_its_batches_give_each_row_once(local_ray, tmp_path):
+def test_the_batches_a_step_names_are_prepared_on_the_engine_actor_and_the_rest_on_tasks(local_ray):
+    step = runner.EngineStep(make_engine=partial(_TimedEngine, {}, 8), stream_fn=_echo_stamped, batch_size=2,
+                             prepare=_stamp_pid, prepare_on_engine=_every_other_batch)
+    rows = [row for chunk in runner.stream_on_ray(local_ray, [{"n": n} for n in range(16)], step, n_engines=1,
+                                                  gpus=0.0, stall_timeout_s=120) for row in chunk]
+    assert sorted(row["n"] for row in rows) == list(range(16))
+    (actor,) = {row["engine_in"] for row in rows}
+    assert {row["n"] for row in rows if row["prepared_in"] == actor} == {n for n in range(16) if n % 4 < 2}
+    assert os.getpid() not in {row["prepared_in"] for row in rows}     # nothing prepared in the driver
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prepare_on_engine", [None, _every_batch], ids=["prepared-on-tasks", "prepared-on-engine"])
+def test_a_killed_engine_actor_is_replaced_and_its_batches_give_each_row_once(local_ray, tmp_path, prepare_on_engine):
     pid_file = tmp_path / "pids"
-    step = runner.EngineStep(make_engine=partial(_PidEngine, str(pid_file), 1.0), stream_fn=_echo_stream,
-                             batch_size=4, row_key=lambda r: r["n"])
+    step = runner.EngineStep(make_engine=partial(_PidEngine, str(pid_file), 1.0), stream_fn=_echo_stamped,
+                             batch_size=4, prepare=_stamp_pid, prepare_on_engine=prepare_on_engine,
+                             row_key=lambda r: r["n"])
     out = runner.stream_on_ray(local_ray, [{"n": n} for n in range(16)], step, n_engines=1, gpus=0.0,
                                stall_timeout_s=120)
     first = next(out)                              # the even rows of a batch: its odd ones are still running
     os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
-    rows = [row["n"] for row in first] + [row["n"] for chunk in out for row in chunk]
-    assert sorted(rows) == list(range(16))         # each row once, though its batch ran twice
-    assert len(pid_file.read_text().split()) == 2  # a second actor took over
+    rows = first + [row for chunk in out for row in chunk]
+    assert sorted(row["n"] for row in rows) == list(range(16))   # each row once, though its batch ran twice
+    actors = [int(pid) for pid in pid_file.read_text().split()]
+    assert len(actors) == 2                        # a second actor took over
+    # a batch prepared on its engine actor is prepared again by the new one; a task's stays prepared
+    assert all((row["prepared_in"] == row["engine_in"]) == (prepare_on_engine is not None) for row in rows)
+    assert actors[1] in {row["engine_in"] for row in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("load_on", ["engine", "tasks"])
+def test_describe_on_ray_gives_every_bad_input_its_error_row_wherever_media_loads(local_ray, mixed_input, tmp_path,
+                                                                                 load_on):
+    # the openai engine loads on tasks unless told otherwise: here both routes, batches of 4 items
+    workdir = tmp_path / "w"
+    with ScriptedFakeEndpoint() as fake:
+        cfg = replace(_describe_cfg(workdir, mixed_input, fake), executor="ray", load_on=load_on, batch_size=4,
+                      max_error_rate=1.0)
+        report = describe.run(cfg)
+    manifest = {r["item_id"]: r for r in store.read_folder(workdir / "manifest", schemas.MANIFEST).to_pylist()}
+    rows = store.read_folder(workdir / "descriptions", schemas.DESCRIPTIONS).to_pylist()
+    assert sorted((r["item_id"], r["view"]) for r in rows) == sorted((i, v.name) for i in manifest for v in VIEWS)
+    assert report.rows_written == len(rows)
+    kinds = {(Path(manifest[r["item_id"]]["relpath"] or "<bad name>").name, r["error_kind"]) for r in rows}
+    good = {name for name, kind in kinds if kind is None}
+    assert kinds == {*EXPECTED_ERRORS.items(), ("<bad name>", "bad_filename"), *((name, None) for name in good)}
+    assert len(good) >= 8 and not good & set(EXPECTED_ERRORS)
+    assert all(r["text"] for r in rows if r["error_kind"] is None)
 
 
 def _pid_once_all_started(folder: str, count: int) -> int:
