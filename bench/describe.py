@@ -70,8 +70,10 @@ def _cases() -> dict:
             "fixed32-1view": {"views": one, "fixed": True, "label": f"fixed {MAX_TOKENS_FIXED} tokens (ignore_eos), 1 view"}}
 
 
-STAGE_ROUTES = {"stage": "ray", "stage-local": "local"}   # route -> describe's executor
-ROUTE_LABELS = {"baseline": "one `LLM.generate`", "stage": "stage (Ray)", "stage-local": "stage (executor local)"}
+# route -> describe's executor and load_on (Ray's default, auto, loads images on the engine actor)
+STAGE_ROUTES = {"stage": ("ray", "auto"), "stage-tasks": ("ray", "tasks"), "stage-local": ("local", "auto")}
+ROUTE_LABELS = {"baseline": "one `LLM.generate`", "stage": "stage (Ray)",
+                "stage-tasks": "stage (Ray, `--load-on tasks`)", "stage-local": "stage (executor local)"}
 CASES: dict = {}  # filled by main(); not at import (vLLM's spawned processes re-import this file)
 
 
@@ -90,7 +92,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device-bound", action="store_true", help=DEVICE_BOUND_HELP + " (engine part only)")
     parser.add_argument("--label", default="", help="a note for this run (e.g. the commit measured)")
     parser.add_argument("--routes", default="stage,stage-local",
-                        help="stage routes run after each baseline: stage (Ray), stage-local (executor local)")
+                        help="stage routes run after each baseline: stage (Ray), stage-tasks (Ray, media "
+                             "loaded on Ray tasks), stage-local (executor local)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="the stage's batch_size (items per dispatch); default: describe's own")
     parser.add_argument("--child", choices=("baseline", *STAGE_ROUTES), help=argparse.SUPPRESS)
@@ -268,9 +271,10 @@ def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: 
                           # log stats on, as in the baseline, which needs them for its finish times:
                           # they cost an LLM.generate 4-13% here (docs/benchmarks.md, sixth session)
                           engine_kwargs={"enforce_eager": True, "disable_log_stats": False})
+    executor, load_on = STAGE_ROUTES[route]
     cfg = describe.DescribeConfig(workdir=workdir, engine=engine, views=views, media=STAGE_MEDIA,
                                   ingest=IngestConfig(input=image_dir, workdir=workdir), progress=False,
-                                  executor=STAGE_ROUTES[route],
+                                  executor=executor, load_on=load_on,
                                   **({"batch_size": batch_size} if batch_size else {}))
     with Timeline() as timeline:   # others' CPU over the report's steady window (Ray's ended workers kept)
         t0 = time.perf_counter()
@@ -434,7 +438,8 @@ def engine_table(results: dict) -> list[str]:
              f"<= 224*224 with `load_image`, tiny Qwen2-VL (random weights; variable cases: lm_head row of EOS "
              f"scaled to norm {results['eos_norm']:g}), greedy, max_tokens {MAX_TOKENS}, `enforce_eager` in both "
              f"routes, each run in a fresh process. Baseline: one `LLM.generate` over all requests, after engine "
-             f"start; stage: `describe.run()` on a private local Ray (and with `executor=\"local\"`), steady "
+             f"start; stage: `describe.run()` on a private local Ray (by default images load on the engine "
+             f"actor; `--load-on tasks`: on Ray tasks) and with `executor=\"local\"`, steady "
              f"rows/s from its first results to its last "
              f"(`report.rows_per_s`). **stage/baseline is like for like**: the baseline's rate counted the "
              f"same way from vLLM's per-request finish times (rows after as many as the stage's first results, "
