@@ -170,10 +170,10 @@ def loads_on_engine(cfg: DescribeConfig) -> Callable[[list[dict]], bool] | None:
 
     auto: batches of images only, for engines on a device (vLLM, transformers). An image costs
     ~2.6 ms of CPU to load, less than its load task, object and transfer cost Ray's processes,
-    and those share the node's CPUs with the engine's own scheduler and input processing
-    (docs/benchmarks.md, "describe, device-bound": loading on the actor gave 5-13% more rows/s,
-    1 view). A batch with a video stays on a task: decoding 8+ frames is 100x the work, and
-    tasks spread it over the node's cores and other nodes. The openai engine's actor is itself
+    which share the node's CPUs with the engine's own scheduler and input processing
+    (docs/benchmarks.md, "describe, device-bound": 8-10% more rows/s at 1 view, level at 5).
+    A batch with a video stays on tasks: a video costs 50-150 images' worth of decoding, which
+    tasks spread over the node's cores and other nodes. The openai engine's actor is itself
     the CPU-bound part (encoding, HTTP), so its loading stays on tasks too."""
     if cfg.load_on == "engine":
         return _every_batch
