@@ -1,7 +1,7 @@
 """Benchmark of the describe stage against a plain `vllm.LLM.generate` script, and of media loading.
 
     .venv/bin/python bench/describe.py [--images 512] [--repeats 1] [--cases ...] [--eos-norm 0.6] [--skip-engine|--skip-load]
-        [--device-bound]
+        [--routes stage,stage-tasks,stage-local] [--device-bound]
 
 Engine part (issue 7's spec): per case, a baseline (one `LLM.generate` over all N requests, in a
 fresh process, timed after engine start) and the stage (`describe.run()` in a fresh process,

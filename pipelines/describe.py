@@ -27,7 +27,8 @@ from pipelines.ingest import IngestConfig, IngestReport
 from pipelines.media import MediaConfig, MediaError, decode_pixels, encode_pixels, load_media
 from pipelines.progress import progress_bar
 from pipelines.plan import DescribePlan, PlanShards, describe_plan
-from pipelines.runner import Batches, EngineStep, StreamReport, enforce_error_rate, stream, write_as_they_come
+from pipelines.runner import (CPU_ENGINES, Batches, EngineStep, StreamReport, enforce_error_rate, stream,
+                              write_as_they_come)
 from pipelines.shards import KeyedWriter
 from pipelines.storage import Where, at
 
@@ -53,7 +54,6 @@ DEFAULT_VIEWS = (
 
 
 LOAD_ON = ("auto", "engine", "tasks")
-GPU_ENGINES = ("vllm", "transformers")   # engines whose actor process mostly waits on its device
 
 
 @dataclass
@@ -177,7 +177,7 @@ def loads_on_engine(cfg: DescribeConfig) -> Callable[[list[dict]], bool] | None:
     the CPU-bound part (encoding, HTTP), so its loading stays on tasks too."""
     if cfg.load_on == "engine":
         return _every_batch
-    if cfg.load_on == "tasks" or (cfg.load_on == "auto" and cfg.engine.engine not in GPU_ENGINES):
+    if cfg.load_on == "tasks" or (cfg.load_on == "auto" and cfg.engine.engine in CPU_ENGINES):
         return None
     return _images_only
 

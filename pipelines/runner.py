@@ -77,6 +77,10 @@ class EngineStep:
     # rows it already gave (None: such a batch stops the run instead)
     row_key: Callable[[dict], Hashable] | None = None
 
+    def prepares_on_task(self, batch: list[dict]) -> bool:
+        """On Ray: whether this batch is prepared on a CPU task (else by its engine actor, or not at all)."""
+        return self.prepare is not None and not (self.prepare_on_engine and self.prepare_on_engine(batch))
+
 
 @dataclass
 class StreamReport:
@@ -456,7 +460,7 @@ def stream_on_ray(ray: Any, rows: "list[dict] | Batches", step: EngineStep, n_en
     try:
         while upcoming is not None or queued or running:
             while upcoming is not None and len(queued) < ahead:   # the input is read as it is needed
-                on_task = prepare is not None and not (step.prepare_on_engine and step.prepare_on_engine(upcoming))
+                on_task = step.prepares_on_task(upcoming)
                 data = prepare.remote(prepare_fn, upcoming) if on_task else upcoming
                 queued.append(_Batch(data, on_task, len(upcoming) * step.outputs_per_input))
                 upcoming = next(batches, None)

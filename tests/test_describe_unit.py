@@ -11,6 +11,7 @@ from pipelines import describe, store
 from pipelines.describe import DescribeConfig, View
 from pipelines.engines.base import DescribeResult, EngineConfig, SamplingConfig
 from pipelines.media import MediaConfig, encode_pixels
+from tests.conftest import run_cli
 
 
 class RecordingFakeDescriber:
@@ -70,6 +71,9 @@ def test_load_on_auto_keeps_images_on_a_gpu_engine_actor_and_videos_on_tasks(tmp
     assert describe.loads_on_engine(_cfg(tmp_path, load_on="tasks")) is None
     with pytest.raises(ValueError, match="load_on must be one of auto, engine, tasks"):
         _cfg(tmp_path, load_on="gpu")
+    # the CLI's --load-on reaches the stage's config: a bad value is refused there, before any engine
+    refused = run_cli("describe", "--workdir", tmp_path / "w", "--model", "m", "--load-on", "gpu")
+    assert refused.returncode == 2 and "load_on must be one of auto, engine, tasks, got 'gpu'" in refused.stderr
 
 
 def test_fingerprint_changes_with_prompt_model_sampling_and_preprocessing(tmp_path):
