@@ -4,7 +4,7 @@ answers instantly, so that nothing but the stage limits the rate. It says how ma
 node can feed: a node with K cores feeds about K x (rows per CPU-second) rows/s.
 
     .venv/bin/python bench/ceiling.py [--images 512] [--concurrency 32] [--repeats 1]
-        [--cases 1view,5views] [--routes endpoint-max,stage,stage-local] [--quick] [--no-docs]
+        [--cases 1view,5views] [--routes endpoint-max,stage,stage-engine,stage-local] [--quick] [--no-docs]
 
 The endpoint (`--serve`, in this file) runs in its OWN process, started by the parent, so its CPU
 is never counted as the stage's: a minimal asyncio HTTP/1.1 server with keep-alive that reads the
@@ -14,8 +14,10 @@ a fresh process (the same code as bench/describe_openai.py):
   requests as fast as it can: the endpoint's rate with that client (a lower bound of the
   endpoint's own ceiling: on a small machine the client is the limit). It must be well above
   the stage's rate, and the endpoint's CPU share during the stage runs shows its headroom.
-- stage / stage-local: `describe.run(engine="openai", concurrency=C)` on a local Ray / with
-  executor="local", over N COCO-sized JPEGs (640x480, bench/describe.py `make_images`).
+- stage / stage-engine / stage-local: `describe.run(engine="openai", concurrency=C)` on a local
+  Ray (media loaded on Ray tasks, `--load-on auto`) / the same with `--load-on engine` (media
+  loaded in the engine actor) / with executor="local", over N COCO-sized JPEGs (640x480,
+  bench/describe.py `make_images`).
 Rows/s and rows per CPU-second are taken over the steady middle of each run, seen from the
 endpoint (it records each answer's time): from the answer at 10% of the requests to the one at
 90%; rows in it over the CPU seconds of the route's process tree (driver, Ray's processes and
@@ -48,9 +50,9 @@ from bench.describe import make_images  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 
 CASES = describe_openai.CASES
-ROUTES = ("endpoint-max", "stage", "stage-local")
-ROUTE_LABELS = {"endpoint-max": "plain httpx client (endpoint's rate)", "stage": "stage (Ray)",
-                "stage-local": "stage (executor local)"}
+ROUTES = ("endpoint-max", "stage", "stage-engine", "stage-local")
+ROUTE_LABELS = {"endpoint-max": "plain httpx client (endpoint's rate)",
+                **{route: describe_openai.ROUTE_LABELS[route] for route in describe_openai.STAGE_ROUTES}}
 MODEL = "instant-endpoint"
 ANSWER_TOKENS = 8
 ENDPOINT_MAX_REQUESTS = 3000   # at least this many requests for the endpoint's rate (the payloads repeated)
@@ -215,8 +217,7 @@ def child_main(args: argparse.Namespace) -> None:
     if args.child == "endpoint-max":
         result = run_endpoint_max(args, image_dir)
     else:
-        result = describe_openai.run_stage(args, image_dir, out / "ceiling-stage-workdir",
-                                           "ray" if args.child == "stage" else "local", EndpointSpan)
+        result = describe_openai.run_stage(args, image_dir, out / "ceiling-stage-workdir", args.child, EndpointSpan)
     result["case"] = args.case
     args.child_out.write_text(json.dumps(result) + "\n")
 

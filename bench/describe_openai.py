@@ -2,7 +2,7 @@
 sending the same requests to ONE real vLLM OpenAI-compatible server on loopback.
 
     .venv/bin/python bench/describe_openai.py [--images 512] [--concurrency 32] [--repeats 1]
-        [--cases 1view,5views] [--routes baseline,stage,stage-local] [--eos-norm 0.6] [--quick] [--no-docs]
+        [--cases 1view,5views] [--routes baseline,stage,stage-engine,stage-local] [--eos-norm 0.6] [--quick] [--no-docs]
 
 The server (`python -m vllm.entrypoints.openai.api_server`, tests/servers.py) serves the tiny
 Qwen2-VL whose EOS lm_head row is scaled (bench/describe.py `build_model`): greedy captions of
@@ -14,8 +14,9 @@ Routes, each in a fresh process, alternated per repeat so drift on the machine h
   httpx.AsyncClient, a semaphore of C, one chat request per (image, view): the image as the
   JPEG data URL the stage sends (pixels from `load_image`, JPEG q95, base64, encoded before the
   clock), then the view's prompt; timed from the first send to the last answer.
-- stage: `describe.run(engine="openai", concurrency=C)` on a private local Ray, as a user runs it;
-  stage-local: the same with executor="local". Steady rows/s after the first results
+- stage: `describe.run(engine="openai", concurrency=C)` on a private local Ray, as a user runs it
+  (media loaded on Ray tasks, `--load-on auto`); stage-engine: the same with `--load-on engine`
+  (media loaded in the engine actor); stage-local: the same with executor="local". Steady rows/s after the first results
   (`report.rows_per_s`).
 The ratio is taken like for like, from outside both routes: rows over the span in which the server
 had requests (its /metrics, polled every 0.2 s: from the first request seen to the last one gone),
@@ -51,8 +52,11 @@ from bench.describe import EOS_NORM, MAX_TOKENS, PROMPT, STAGE_MEDIA, build_mode
 from bench.docs_section import replace_section  # noqa: E402
 
 CASES = {"1view": "1 view", "5views": "5 views (stage default)"}
-ROUTES = ("baseline", "stage", "stage-local")
-ROUTE_LABELS = {"baseline": "plain httpx client", "stage": "stage (Ray)", "stage-local": "stage (executor local)"}
+ROUTES = ("baseline", "stage", "stage-engine", "stage-local")
+# stage route -> describe's executor and load_on (Ray's default, auto, loads the openai engine's media on tasks)
+STAGE_ROUTES = {"stage": ("ray", "auto"), "stage-engine": ("ray", "engine"), "stage-local": ("local", "auto")}
+ROUTE_LABELS = {"baseline": "plain httpx client", "stage": "stage (Ray)",
+                "stage-engine": "stage (Ray, `--load-on engine`)", "stage-local": "stage (executor local)"}
 JPEG_QUALITY = 95   # what the openai engine sends (pipelines/engines/openai_engine.py)
 
 
@@ -113,7 +117,7 @@ def run_baseline(args: argparse.Namespace, image_dir: Path) -> dict:
     return result
 
 
-def run_stage(args: argparse.Namespace, image_dir: Path, workdir: Path, executor: str, span_class=None) -> dict:
+def run_stage(args: argparse.Namespace, image_dir: Path, workdir: Path, route: str, span_class=None) -> dict:
     """`describe.run` with the openai engine as a user calls it. Rows/s and CPU over the span in
     which the server was busy (`span_class`, default BusySpan); the report's own steady rate
     too. Shared with bench/ceiling.py (which passes the instant endpoint's span)."""
@@ -127,10 +131,12 @@ def run_stage(args: argparse.Namespace, image_dir: Path, workdir: Path, executor
 
     shutil.rmtree(workdir, ignore_errors=True)
     views = views_of(args.case)
+    executor, load_on = STAGE_ROUTES[route]
     engine = EngineConfig(engine="openai", model=args.model, base_url=args.base_url, concurrency=args.concurrency,
                           timeout_s=600.0, sampling=SamplingConfig(max_tokens=MAX_TOKENS))
     cfg = describe.DescribeConfig(workdir=workdir, engine=engine, views=views, media=STAGE_MEDIA, executor=executor,
-                                  ingest=IngestConfig(input=image_dir, workdir=workdir), progress=False)
+                                  load_on=load_on, ingest=IngestConfig(input=image_dir, workdir=workdir),
+                                  progress=False)
     span_class = span_class or BusySpan
     with Timeline(args.server_pid) as timeline, span_class(args.base_url.removesuffix("/v1")) as busy:
         t0 = time.perf_counter()
@@ -140,7 +146,7 @@ def run_stage(args: argparse.Namespace, image_dir: Path, workdir: Path, executor
     if table.num_rows != expected or report.error_rows:
         raise RuntimeError(f"stage output: {table.num_rows} rows (expected {expected}), {report.error_rows} errors")
     whole = timeline.window(t0, t0 + report.wall_s)
-    return {"route": "stage" if executor == "ray" else "stage-local", "executor": executor,
+    return {"route": route, "executor": executor, "load_on": load_on,
             "rows": report.rows_written, "rows_per_s": report.rows_per_s, "wall_s": report.wall_s,
             "startup_s": report.startup_s, "first_batch_rows": report.first_batch_rows,
             "concurrency": args.concurrency, "lengths": percentiles(table.column("output_tokens").to_pylist()),
@@ -155,7 +161,7 @@ def child_main(args: argparse.Namespace) -> None:
     if args.child == "baseline":
         result = run_baseline(args, image_dir)
     else:
-        result = run_stage(args, image_dir, out / "openai-stage-workdir", "ray" if args.child == "stage" else "local")
+        result = run_stage(args, image_dir, out / "openai-stage-workdir", args.child)
     result["case"] = args.case
     args.child_out.write_text(json.dumps(result) + "\n")
 

@@ -174,7 +174,9 @@ def loads_on_engine(cfg: DescribeConfig) -> Callable[[list[dict]], bool] | None:
     (docs/benchmarks.md, "describe, device-bound": 8-10% more rows/s at 1 view, level at 5).
     A batch with a video stays on tasks: a video costs 50-150 images' worth of decoding, which
     tasks spread over the node's cores and other nodes. The openai engine's actor is itself
-    the CPU-bound part (encoding, HTTP), so its loading stays on tasks too."""
+    the CPU-bound part (encoding, HTTP), so its loading stays on tasks too: loading in its
+    actor moved 32-38% fewer rows/s at 1 view and level at 5 (docs/benchmarks.md, "pipeline
+    ceiling", tenth session)."""
     if cfg.load_on == "engine":
         return _every_batch
     if cfg.load_on == "tasks" or (cfg.load_on == "auto" and cfg.engine.engine in CPU_ENGINES):
