@@ -261,14 +261,23 @@ def ratios_to_baseline(runs: list[dict], key: str = "rows_per_s") -> dict:
     return {k: {"ratios": v, "median": statistics.median(v)} for k, v in out.items()}
 
 
+def round_order(routes: list[str], round_no: int) -> list[str]:
+    """The routes of round `round_no` (from 1): as given in odd rounds, reversed in even ones. The
+    machine's speed drifts, within a run by up to a quarter (tenth session): in a fixed order a
+    drift always favours the same route of each pair; alternating the order, it favours the
+    baseline in one round and the stage in the next, and the median over rounds cancels it."""
+    return list(routes) if round_no % 2 else list(routes)[::-1]
+
+
 def run_rounds(args, script: Path, results: dict, json_path: Path, child_args: list[str], progress,
                before_run=None) -> None:
     """Every case, round and route of a script, each route in a fresh child process, alternated
-    so that drift on a shared machine hits them all; the raw results are saved after each run.
-    `progress(run)` is the line printed after a run; `before_run()` runs before each one."""
+    so that drift on a shared machine hits them all (`round_order`); the raw results are saved
+    after each run. `progress(run)` is the line printed after a run; `before_run()` runs before
+    each one."""
     for case in args.cases.split(","):
         for round_no in range(1, args.repeats + 1):
-            for route in args.routes.split(","):
+            for route in round_order(args.routes.split(","), round_no):
                 if before_run is not None:
                     before_run()
                 run = run_child(script, ["--child", route, "--case", case, *child_args],

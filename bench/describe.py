@@ -45,8 +45,8 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from bench.common import (DEVICE_BOUND_HELP, Timeline, engine_queue_cell,  # noqa: E402
-                          engine_queue_of, pad_layers, percentiles, pin_device_core, steady_as_stage, tree_cpu_s,
-                          write_device_bound_section)
+                          engine_queue_of, pad_layers, percentiles, pin_device_core, round_order, steady_as_stage,
+                          tree_cpu_s, write_device_bound_section)
 from pipelines.media import MediaConfig, load_image, load_video, target_size  # noqa: E402
 
 PROMPT = "Describe this {media} in detail."
@@ -328,7 +328,7 @@ def run_child(args: argparse.Namespace, route: str, case: str) -> dict:
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Per case, each stage run against the baseline run just before it, and the medians:
+    """Per case, each stage run against the baseline run of its round, and the medians:
     `ratios` like for like (the stage's steady rate against the baseline's counted the same
     way from its per-request finish times: rows after as many as the stage's first results,
     over the time from them to the last), `vs_generate` against the baseline's whole
@@ -557,7 +557,7 @@ def main() -> None:
         build_model(out, None, args.device_bound), build_model(out, args.eos_norm, args.device_bound)
         for case in args.cases.split(","):
             for repeat in range(args.repeats):
-                for route in ("baseline", *args.routes.split(",")):  # alternated: drift on the machine hits all
+                for route in round_order(["baseline", *args.routes.split(",")], repeat + 1):
                     run = run_child(args, route, case)
                     ln = run["lengths"]
                     print(f"[{case} {repeat + 1}/{args.repeats}] {route}: {run['rows']} rows, {run['rows_per_s']:.1f} "
