@@ -2,7 +2,8 @@
 sending the same requests to ONE real vLLM OpenAI-compatible server on loopback.
 
     .venv/bin/python bench/describe_openai.py [--images 512] [--concurrency 32] [--repeats 1]
-        [--cases 1view,5views] [--routes baseline,stage,stage-engine,stage-local] [--eos-norm 0.6] [--quick] [--no-docs]
+        [--cases 1view,5views] [--routes baseline,stage,stage-engine,stage-local] [--eos-norm 0.6]
+        [--quick] [--no-docs]
 
 The server (`python -m vllm.entrypoints.openai.api_server`, tests/servers.py) serves the tiny
 Qwen2-VL whose EOS lm_head row is scaled (bench/describe.py `build_model`): greedy captions of
@@ -16,8 +17,8 @@ Routes, each in a fresh process, alternated per repeat so drift on the machine h
   clock), then the view's prompt; timed from the first send to the last answer.
 - stage: `describe.run(engine="openai", concurrency=C)` on a private local Ray, as a user runs it
   (media loaded on Ray tasks, `--load-on auto`); stage-engine: the same with `--load-on engine`
-  (media loaded in the engine actor); stage-local: the same with executor="local". Steady rows/s after the first results
-  (`report.rows_per_s`).
+  (media loaded in the engine actor); stage-local: the same with executor="local". Steady rows/s
+  after the first results (`report.rows_per_s`).
 The ratio is taken like for like, from outside both routes: rows over the span in which the server
 had requests (its /metrics, polled every 0.2 s: from the first request seen to the last one gone),
 which excludes the stage's start-up and needs no timer inside the stage. The stage's own steady
