@@ -45,14 +45,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
 from bench import describe_openai  # noqa: E402
-from bench.common import Timeline, add_run_args, finish, plain_client_run, results_header, run_rounds  # noqa: E402
+from bench.common import (DESCRIBE_ROUTE_LABELS, Timeline, add_run_args, finish, plain_client_run,  # noqa: E402
+                          results_header, run_rounds)
 from bench.describe import make_images  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 
 CASES = describe_openai.CASES
 ROUTES = ("endpoint-max", "stage", "stage-engine", "stage-local")
-ROUTE_LABELS = {"endpoint-max": "plain httpx client (endpoint's rate)",
-                **{route: describe_openai.ROUTE_LABELS[route] for route in describe_openai.STAGE_ROUTES}}
+ROUTE_LABELS = {"endpoint-max": "plain httpx client (endpoint's rate)", **DESCRIBE_ROUTE_LABELS}
 MODEL = "instant-endpoint"
 ANSWER_TOKENS = 8
 ENDPOINT_MAX_REQUESTS = 3000   # at least this many requests for the endpoint's rate (the payloads repeated)

@@ -261,6 +261,14 @@ def ratios_to_baseline(runs: list[dict], key: str = "rows_per_s") -> dict:
     return {k: {"ratios": v, "median": statistics.median(v)} for k, v in out.items()}
 
 
+# describe's stage routes in the benchmarks: route -> (executor, load_on), and their labels. Ray's
+# default (auto) loads images in the engine actor for vLLM, and the openai engine's on tasks.
+DESCRIBE_ROUTES = {"stage": ("ray", "auto"), "stage-tasks": ("ray", "tasks"), "stage-engine": ("ray", "engine"),
+                   "stage-local": ("local", "auto")}
+DESCRIBE_ROUTE_LABELS = {"stage": "stage (Ray)", "stage-tasks": "stage (Ray, `--load-on tasks`)",
+                         "stage-engine": "stage (Ray, `--load-on engine`)", "stage-local": "stage (executor local)"}
+
+
 def round_order(routes: list[str], round_no: int) -> list[str]:
     """The routes of round `round_no` (from 1): as given in odd rounds, reversed in even ones. The
     machine's speed drifts, within a run by up to a quarter (tenth session): in a fixed order a

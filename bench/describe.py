@@ -44,9 +44,9 @@ for _key, _value in {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1",
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from bench.common import (DEVICE_BOUND_HELP, Timeline, engine_queue_cell,  # noqa: E402
-                          engine_queue_of, pad_layers, percentiles, pin_device_core, round_order, steady_as_stage,
-                          tree_cpu_s, write_device_bound_section)
+from bench.common import (DESCRIBE_ROUTE_LABELS, DESCRIBE_ROUTES, DEVICE_BOUND_HELP, Timeline,  # noqa: E402
+                          engine_queue_cell, engine_queue_of, pad_layers, percentiles, pin_device_core,
+                          round_order, steady_as_stage, tree_cpu_s, write_device_bound_section)
 from pipelines.media import MediaConfig, load_image, load_video, target_size  # noqa: E402
 
 PROMPT = "Describe this {media} in detail."
@@ -70,10 +70,7 @@ def _cases() -> dict:
             "fixed32-1view": {"views": one, "fixed": True, "label": f"fixed {MAX_TOKENS_FIXED} tokens (ignore_eos), 1 view"}}
 
 
-# route -> describe's executor and load_on (Ray's default, auto, loads images on the engine actor)
-STAGE_ROUTES = {"stage": ("ray", "auto"), "stage-tasks": ("ray", "tasks"), "stage-local": ("local", "auto")}
-ROUTE_LABELS = {"baseline": "one `LLM.generate`", "stage": "stage (Ray)",
-                "stage-tasks": "stage (Ray, `--load-on tasks`)", "stage-local": "stage (executor local)"}
+ROUTE_LABELS = {"baseline": "one `LLM.generate`", **DESCRIBE_ROUTE_LABELS}
 CASES: dict = {}  # filled by main(); not at import (vLLM's spawned processes re-import this file)
 
 
@@ -92,11 +89,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device-bound", action="store_true", help=DEVICE_BOUND_HELP + " (engine part only)")
     parser.add_argument("--label", default="", help="a note for this run (e.g. the commit measured)")
     parser.add_argument("--routes", default="stage,stage-local",
-                        help="stage routes run after each baseline: stage (Ray), stage-tasks (Ray, media "
-                             "loaded on Ray tasks), stage-local (executor local)")
+                        help="stage routes run after each baseline (bench/common.py DESCRIBE_ROUTES): stage "
+                             "(Ray), stage-tasks (Ray, media loaded on Ray tasks), stage-engine (Ray, media "
+                             "loaded in the engine actor), stage-local (executor local)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="the stage's batch_size (items per dispatch); default: describe's own")
-    parser.add_argument("--child", choices=("baseline", *STAGE_ROUTES), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("baseline", *DESCRIBE_ROUTES), help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -271,7 +269,7 @@ def run_stage(model: Path, image_dir: Path, workdir: Path, views: tuple, fixed: 
                           # log stats on, as in the baseline, which needs them for its finish times:
                           # they cost an LLM.generate 4-13% here (docs/benchmarks.md, sixth session)
                           engine_kwargs={"enforce_eager": True, "disable_log_stats": False})
-    executor, load_on = STAGE_ROUTES[route]
+    executor, load_on = DESCRIBE_ROUTES[route]
     cfg = describe.DescribeConfig(workdir=workdir, engine=engine, views=views, media=STAGE_MEDIA,
                                   ingest=IngestConfig(input=image_dir, workdir=workdir), progress=False,
                                   executor=executor, load_on=load_on,
@@ -336,7 +334,7 @@ def summarize(runs: list[dict]) -> dict:
     out = {}
     for case in CASES:
         base = [r for r in runs if r["case"] == case and r["route"] == "baseline"]
-        for route in STAGE_ROUTES:
+        for route in DESCRIBE_ROUTES:
             stage = [r for r in runs if r["case"] == case and r["route"] == route]
             like = [s["rows_per_s"] / (steady_as_stage(b.get("finish_s"), s["first_batch_rows"]) or float("nan"))
                     for b, s in zip(base, stage)]
@@ -468,7 +466,7 @@ def engine_table(results: dict) -> list[str]:
         held = engine_queue_cell(run)
         ratio = ""
         key = f"{run['case']}/{run['route']}"
-        if run["route"] in STAGE_ROUTES:
+        if run["route"] in DESCRIBE_ROUTES:
             k = pair.get(key, 0)
             ratio = f"**{summary[key]['ratios'][k]:.2f}** ({summary[key]['vs_generate'][k]:.2f})"
             pair[key] = k + 1

@@ -47,17 +47,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
 
-from bench.common import (Timeline, add_run_args, finish, lengths_cell, percentiles, plain_client_run,  # noqa: E402
-                          ratio_lines, ratios_to_baseline, results_header, run_rounds, same_tokens, steady_as_stage)
+from bench.common import (DESCRIBE_ROUTE_LABELS, DESCRIBE_ROUTES, Timeline, add_run_args, finish,  # noqa: E402
+                          lengths_cell, percentiles, plain_client_run, ratio_lines, ratios_to_baseline,
+                          results_header, run_rounds, same_tokens, steady_as_stage)
 from bench.describe import EOS_NORM, MAX_TOKENS, PROMPT, STAGE_MEDIA, build_model, make_images  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 
 CASES = {"1view": "1 view", "5views": "5 views (stage default)"}
 ROUTES = ("baseline", "stage", "stage-engine", "stage-local")
-# stage route -> describe's executor and load_on (Ray's default, auto, loads the openai engine's media on tasks)
-STAGE_ROUTES = {"stage": ("ray", "auto"), "stage-engine": ("ray", "engine"), "stage-local": ("local", "auto")}
-ROUTE_LABELS = {"baseline": "plain httpx client", "stage": "stage (Ray)",
-                "stage-engine": "stage (Ray, `--load-on engine`)", "stage-local": "stage (executor local)"}
+ROUTE_LABELS = {"baseline": "plain httpx client", **DESCRIBE_ROUTE_LABELS}
 JPEG_QUALITY = 95   # what the openai engine sends (pipelines/engines/openai_engine.py)
 
 
@@ -132,7 +130,7 @@ def run_stage(args: argparse.Namespace, image_dir: Path, workdir: Path, route: s
 
     shutil.rmtree(workdir, ignore_errors=True)
     views = views_of(args.case)
-    executor, load_on = STAGE_ROUTES[route]
+    executor, load_on = DESCRIBE_ROUTES[route]
     engine = EngineConfig(engine="openai", model=args.model, base_url=args.base_url, concurrency=args.concurrency,
                           timeout_s=600.0, sampling=SamplingConfig(max_tokens=MAX_TOKENS))
     cfg = describe.DescribeConfig(workdir=workdir, engine=engine, views=views, media=STAGE_MEDIA, executor=executor,

@@ -46,6 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: import this checkout's packages
+from bench.common import round_order  # noqa: E402
 from bench.docs_section import replace_section  # noqa: E402
 
 for _key, _value in {"RAY_AUTH_MODE": "disabled", "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -323,7 +324,7 @@ def machine() -> str:
 
 
 def overhead_summary(runs: list[dict]) -> dict:
-    """Per engine: each stage run against the plain run just before it."""
+    """Per engine: each stage run against the plain run of its round."""
     out = {}
     for engine in dict.fromkeys(r["engine"] for r in runs):
         plain = [r for r in runs if r["engine"] == engine and r["route"] == "plain"]
@@ -435,8 +436,8 @@ def main() -> None:
         from pipelines.tiny_models import build_tiny_qwen2_chat
         model = build_tiny_qwen2_chat(out / "tiny-qwen2-chat")
     for engine in engines:
-        for _ in range(args.repeats):
-            for route in ("plain", "stage"):
+        for round_no in range(1, args.repeats + 1):
+            for route in round_order(["plain", "stage"], round_no):
                 run = (run_plain(engine, model, pool) if route == "plain"
                        else run_stage(engine, model, distinct_file, out / "work", len(pool)))
                 results["runs"].append(run)
