@@ -278,6 +278,17 @@ def test_stream_locally_stops_with_a_stall_error_when_no_row_finishes():
     assert time.monotonic() - started < 30
 
 
+def test_the_ray_dispatch_loop_blocks_no_longer_than_the_stall_deadline():
+    # the Ray loop blocks on its refs for up to WAIT_S; a stall due sooner shortens the wait
+    assert runner.StallClock(0, owed=4).wait_s(runner.WAIT_S) == runner.WAIT_S        # no stall check
+    assert runner.StallClock(600, owed=4).wait_s(runner.WAIT_S) == runner.WAIT_S
+    soon = runner.StallClock(0.3, owed=4).wait_s(runner.WAIT_S)
+    assert 0 < soon <= 0.3 < runner.WAIT_S
+    overdue = runner.StallClock(0.3, owed=4)
+    overdue.last -= 1.0
+    assert overdue.wait_s(runner.WAIT_S) == 0.0
+
+
 # --------------------------------------------------------------------------- the Ray executor
 
 class _PidEngine(_TimedEngine):
