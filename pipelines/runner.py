@@ -474,7 +474,7 @@ def stream_on_ray(ray: Any, rows: "list[dict] | Batches", step: EngineStep, n_en
             streams = {e.events: e for e in engines if e.events is not None}
             starting = {e.ready: e for e in engines if e.window is None}
             waitables = [*streams, *submitted, *starting]
-            ready, _ = ray.wait(waitables, num_returns=1, timeout=stall.wait_s(WAIT_S)) if waitables else ([], [])
+            ready, _ = ray.wait(waitables, num_returns=1, timeout=stall.wait_s(WAIT_S))   # ([], []) for none
             for ref in ready:
                 if ref in starting:
                     _engine_up(ray, starting[ref], running, queued, step)

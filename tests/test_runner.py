@@ -278,8 +278,8 @@ def test_stream_locally_stops_with_a_stall_error_when_no_row_finishes():
     assert time.monotonic() - started < 30
 
 
-def test_the_ray_dispatch_loop_blocks_no_longer_than_the_stall_deadline():
-    # the Ray loop blocks on its refs for up to WAIT_S; a stall due sooner shortens the wait
+def test_the_stall_clock_cuts_the_ray_loops_wait_short_when_a_stall_falls_due_sooner():
+    # the Ray dispatch loop blocks on its refs for StallClock.wait_s(WAIT_S)
     assert runner.StallClock(0, owed=4).wait_s(runner.WAIT_S) == runner.WAIT_S        # no stall check
     assert runner.StallClock(600, owed=4).wait_s(runner.WAIT_S) == runner.WAIT_S
     soon = runner.StallClock(0.3, owed=4).wait_s(runner.WAIT_S)
